@@ -1,0 +1,1 @@
+"""Jitted array kernels: statistics, assignment, matching. Installed as `mergejax.kernels`."""

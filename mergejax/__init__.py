@@ -1,0 +1,1 @@
+"""mergejax: merging neural networks without retraining, in JAX/Flax."""

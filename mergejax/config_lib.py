@@ -1,0 +1,47 @@
+"""Helpers for config files: the `:arg` parser and shared defaults.
+
+`--config=configs/x.py:width=4,quick` calls `get_config("width=4,quick")`; `parse_arg` turns that
+into typed fields with defaults (a bare name is a boolean flag).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses "a=1,b=x,flag" into a ConfigDict typed like `defaults` (unknown keys rejected)."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+        kind = type(defaults[key])
+        if not _:
+            if kind is not bool:
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+            out[key] = True
+        elif kind is bool:
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            out[key] = kind(value)
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Fields every experiment has; configs fill them in."""
+    c = ml_collections.ConfigDict()
+    c.kind = "multitask"
+    c.seed = 0
+    c.data = ml_collections.ConfigDict(dict(
+        name="digits", data_dir="", num_tasks=2, task_kind="disjoint", classes_per_task=0,
+        stat_batches=8, batch_size=128, eval_batch_size=256))
+    c.model = ml_collections.ConfigDict(dict(name="resnet20", width=1))
+    c.train = ml_collections.ConfigDict(dict(
+        epochs=30, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+        warmup_epochs=1.0, label_smoothing=0.0))
+    c.merge = ml_collections.ConfigDict(dict(methods=("average",), repair_batches=8))
+    c.endpoints = ml_collections.ConfigDict(dict(checkpoints=()))
+    c.export = ml_collections.ConfigDict(dict(formats=()))
+    return c

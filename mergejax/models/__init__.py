@@ -1,0 +1,49 @@
+"""Flax models with a pure functional surface: `create(name, **kwargs) -> Model`.
+
+Every model takes NHWC input, returns logits, and sows the activations at its feature spaces
+(taps) into `intermediates`. Adding an architecture is one model file plus one spec file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mergejax.models.base import Model, Variables
+from mergejax.models.mlp import MLP
+from mergejax.models.resnet import ResNet
+from mergejax.models.vgg import VGG
+from mergejax.registry import Registry
+
+_BUILDERS: Registry[Callable[..., Model]] = Registry("model")
+
+
+def _builder(name: str, module_cls, head: str, **fixed):
+    def build(**kwargs) -> Model:
+        kwargs = {**fixed, **kwargs}
+        try:
+            module = module_cls(**kwargs)
+        except TypeError as e:
+            raise TypeError(f"model {name!r}: {e}") from None
+        return Model(name, module, dict(kwargs), head)
+
+    _BUILDERS.register(name, build)
+
+
+_builder("mlp", MLP, "linear")
+_builder("resnet20", ResNet, "linear", depth=20)
+_builder("resnet", ResNet, "linear")
+_builder("vgg11", VGG, "classifier", depth=11)
+_builder("vgg16", VGG, "classifier", depth=16)
+
+
+def create(name: str, **kwargs) -> Model:
+    """The model registered as `name`, built with `kwargs` (e.g. `width=4, num_classes=5`)."""
+    return _BUILDERS.get(name)(**kwargs)
+
+
+def names() -> list[str]:
+    """Registered model names."""
+    return _BUILDERS.names()
+
+
+__all__ = ["Model", "Variables", "create", "names"]

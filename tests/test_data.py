@@ -1,0 +1,81 @@
+"""Datasets, task splits and batching."""
+
+import numpy as np
+import pytest
+
+from mergejax import data
+from mergejax.data import datasets
+
+
+def test_digits_splits_are_fixed_disjoint_and_stratified():
+    a, b = data.load("digits"), data.load("digits")
+    sizes = {s: len(a.splits[s][1]) for s in datasets.SPLITS}
+    assert sum(sizes.values()) == 1797 and sizes["test"] > 400
+    for s in datasets.SPLITS:  # deterministic
+        np.testing.assert_array_equal(a.splits[s][0], b.splits[s][0])
+    # disjoint: no test image appears in train
+    train = {x.tobytes() for x in a.splits["train"][0]}
+    overlap = sum(x.tobytes() in train for x in a.splits["test"][0])
+    assert overlap <= 3  # digits has a few exact duplicate images, nothing more
+    for s in datasets.SPLITS:  # every class present in every split
+        assert set(a.splits[s][1]) == set(range(10))
+    assert a.splits["train"][0].shape[1:] == (8, 8, 1)
+    assert abs(a.splits["train"][0].mean()) < 1e-4
+
+
+def test_split_classes_disjoint_seeded_and_same():
+    tasks = data.split_classes(10, 2, seed=0)
+    assert len(tasks) == 2 and set(tasks[0]).isdisjoint(tasks[1])
+    assert sorted(tasks[0] + tasks[1]) == list(range(10))
+    assert data.split_classes(10, 2, seed=0) == tasks
+    assert data.split_classes(10, 2, seed=1) != tasks
+    assert data.split_classes(100, 2, seed=0)[0].__len__() == 50
+    assert data.split_classes(10, 3, seed=0, kind="same") == [tuple(range(10))] * 3
+    assert [len(t) for t in data.split_classes(10, 4)] == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="disjoint"):
+        data.split_classes(10, 3, classes_per_task=4)
+    with pytest.raises(ValueError, match="task kind"):
+        data.split_classes(10, 2, kind="overlap")
+
+
+def test_select_maps_to_local_labels():
+    x = np.arange(6)[:, None]
+    y = np.array([3, 1, 4, 1, 5, 9])
+    xs, ys = data.select(x, y, (1, 9))
+    np.testing.assert_array_equal(xs[:, 0], [1, 3, 5])
+    np.testing.assert_array_equal(ys, [0, 0, 1])
+
+
+def test_batches_fixed_shape_and_deterministic():
+    x = np.random.default_rng(0).normal(size=(50, 4, 4, 3)).astype(np.float32)
+    y = np.arange(50)
+    b1 = list(data.train_batches(x, y, 16, np.random.default_rng(1), "crop_flip"))
+    b2 = list(data.train_batches(x, y, 16, np.random.default_rng(1), "crop_flip"))
+    assert len(b1) == 3 and all(bx.shape == (16, 4, 4, 3) for bx, _ in b1)
+    for (x1, y1), (x2, y2) in zip(b1, b2):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    ev = list(data.eval_batches(x, 16))
+    assert [n for _, n in ev] == [16, 16, 16, 2] and ev[-1][0].shape == (16, 4, 4, 3)
+
+
+def test_unknown_dataset_lists_names():
+    with pytest.raises(KeyError, match="digits"):
+        data.load("mnist")
+
+
+def test_missing_tfds_dataset_says_how_to_prepare(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        data.load("cifar10", data_dir=str(tmp_path))
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "tfds build cifar10 --file_format=array_record" in msg
+
+
+def test_cifar_through_tfds_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds = data.load("cifar10")
+    x, y = ds.splits["train"]
+    assert x.shape[1:] == (32, 32, 3) and x.dtype == np.float32
+    assert len(ds.splits["validation"][1]) == 8 and len(y) == 32
+    assert ds.num_classes == 10 and ds.augment == "crop_flip"

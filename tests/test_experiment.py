@@ -1,0 +1,106 @@
+"""End to end: the real configs, shrunk with :quick, through launch.py and experiment.run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mergejax import checkpointing, experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(arg="quick", name="digits_resnet20"):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.mark.slow
+def test_quick_launch_writes_results_and_reuses_endpoints(tmp_path):
+    cmd = [sys.executable, str(ROOT / "launch.py"),
+           "--config=" + str(ROOT / "configs/digits_resnet20.py") + ":quick",
+           f"--workdir={tmp_path}", "--config.merge.methods=('average','average+repair')"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    methods = [r["method"] for r in rows]
+    assert methods == ["model_a", "model_b", "ensemble", "average", "average+repair"]
+    for r in rows:
+        assert set(r["per_task_acc"]) == {"task_a", "task_b"}
+        assert 0.0 <= r["joint_acc"] <= 1.0 and r["seconds"] >= 0.0
+        assert abs(r["task_avg_acc"] - sum(r["per_task_acc"].values()) / 2) < 1e-9
+    # an endpoint knows only its own task
+    assert rows[0]["per_task_acc"]["task_b"] == 0.0 and rows[0]["per_task_acc"]["task_a"] > 0.5
+    assert rows[2]["joint_acc"] >= max(rows[0]["joint_acc"], rows[1]["joint_acc"]) - 0.05
+    assert (tmp_path / "results.csv").read_text().startswith("method,joint_acc")
+    assert "| ensemble |" in out.stdout
+    endpoints = sorted((tmp_path / "endpoints").iterdir())
+    assert len(endpoints) == 2 and all(checkpointing.exists(p) for p in endpoints)
+    stamps = [os.stat(p / "meta.json").st_mtime_ns for p in endpoints]
+    # second run: endpoints reused, not retrained
+    rows2 = experiment.run(_config(), tmp_path)
+    assert [os.stat(p / "meta.json").st_mtime_ns for p in endpoints] == stamps
+    assert rows2[0]["joint_acc"] == rows[0]["joint_acc"]
+
+
+def test_unknown_method_fails_before_any_training(tmp_path):
+    config = _config()
+    with config.unlocked():
+        config.merge.methods = ("average", "zipitt")
+    with pytest.raises(KeyError, match="average"):
+        experiment.run(config, tmp_path)
+    assert not (tmp_path / "endpoints").exists()
+    with config.unlocked():
+        config.merge.methods = ("average+polish",)
+    with pytest.raises(ValueError, match="repair"):
+        experiment.run(config, tmp_path)
+
+
+def test_unknown_model_and_dataset_list_valid_names(tmp_path):
+    config = _config()
+    with config.unlocked():
+        config.model.name = "resnet21"
+    with pytest.raises(KeyError, match="resnet20"):
+        experiment.run(config, tmp_path)
+    config = _config()
+    with config.unlocked():
+        config.data.name = "mnist"
+    with pytest.raises(KeyError, match="digits"):
+        experiment.run(config, tmp_path)
+
+
+def test_unwritable_workdir_fails_clearly(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="not writable"):
+        experiment.run(_config(), blocker / "sub")
+
+
+def test_half_written_checkpoint_is_never_read(tmp_path):
+    import numpy as np
+
+    tree = {"params": {"w": np.ones(3, np.float32)}}
+    half = tmp_path / "ckpt"
+    (half / "state").mkdir(parents=True)  # killed before meta.json was written
+    assert not checkpointing.exists(half)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        checkpointing.load(half)
+    checkpointing.save(half, tree, {"a": 1})
+    assert checkpointing.exists(half) and checkpointing.load_meta(half) == {"a": 1}
+    restored = checkpointing.load(half, like=tree)
+    np.testing.assert_array_equal(restored["params"]["w"], tree["params"]["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
+
+
+def test_config_arguments_are_typed_and_checked():
+    assert _config("width=3").model.width == 3
+    assert _config("quick").train.epochs < _config(None).train.epochs
+    with pytest.raises(ValueError, match="valid"):
+        _config("widht=3")
