@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "safetensors",
     "pyyaml",
+    "lapx>=0.11.1",
 ]
 
 EXTRAS = {

@@ -2,7 +2,7 @@
 
     python launch.py --config=configs/digits_resnet20.py --workdir=/tmp/mergejax
 
-Trains one ResNet-20 (width 4) per task, then merges them with every matching method; from
+Trains one ResNet-20 (width 2) per task, then merges them with every matching method; from
 scratch this takes a few minutes on a 2-core CPU (a second run reuses the endpoints). Expected:
 each endpoint >= 95% on its own task's test digits; see the README table for every method.
 Arguments: `:width=N`, `:quick` (tiny run for tests).
@@ -12,13 +12,14 @@ from mergejax.config_lib import base_config, parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, width=4, quick=False)
+    args = parse_arg(arg, width=2, quick=False)
     c = base_config()
     c.model.name = "resnet20"
     c.model.width = args.width
-    c.train.epochs = 20
+    c.train.epochs = 15
     c.train.lr = 0.05
-    c.merge.methods = ("average", "average+repair")
+    c.merge.methods = ("average", "average+repair", "weight_matching+repair", "permute+repair",
+                       "zipit", "zipit+repair")
     if args.quick:
         c.model.width = 1
         c.train.epochs = 2

@@ -37,10 +37,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         name="digits", data_dir="", num_tasks=2, task_kind="disjoint", classes_per_task=0,
         stat_batches=8, batch_size=128, eval_batch_size=256))
-    c.model = ml_collections.ConfigDict(dict(name="resnet20", width=1))
+    c.model = ml_collections.ConfigDict(dict(name="resnet20"))  # + the model's kwargs
     c.train = ml_collections.ConfigDict(dict(
         epochs=30, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
         warmup_epochs=1.0, label_smoothing=0.0))
+    # fine-tuning overrides of `train` (kind "finetune")
+    c.finetune = ml_collections.ConfigDict(dict(epochs=5, lr=0.01, warmup_epochs=0.0))
     c.merge = ml_collections.ConfigDict(dict(methods=("average",), repair_batches=8))
     c.endpoints = ml_collections.ConfigDict(dict(checkpoints=()))
     c.export = ml_collections.ConfigDict(dict(formats=()))

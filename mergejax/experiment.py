@@ -71,6 +71,8 @@ def check_methods(entries, family: str) -> None:
 
 def run(config, workdir: str | os.PathLike) -> list[dict]:
     """Runs the experiment `config.kind` and writes results into `workdir`; returns the rows."""
+    import mergejax.finetune  # noqa: F401  (registers the "finetune" kind)
+
     workdir = check_workdir(workdir)
     rows = KINDS.get(config.kind)(config, workdir)
     results.write(workdir, rows)

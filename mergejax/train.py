@@ -38,7 +38,7 @@ class TrainSettings:
 
 _SCHEDULES: Registry[Callable[[float, int, int], optax.Schedule]] = Registry("lr schedule")
 _SCHEDULES.register("cosine", lambda lr, total, warmup: optax.warmup_cosine_decay_schedule(
-    0.0, lr, max(warmup, 1), max(total, warmup + 1)))
+    0.0, lr, max(warmup, 1), max(total, max(warmup, 1) + 1)))
 _SCHEDULES.register("onecycle", lambda lr, total, warmup: optax.linear_onecycle_schedule(
     max(total, 2), lr))
 _SCHEDULES.register("constant", lambda lr, total, warmup: optax.constant_schedule(lr))

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from mergejax.models.base import Model, Variables
 from mergejax.models.mlp import MLP
 from mergejax.models.resnet import ResNet
+from mergejax.models.resnet50 import ResNet50
+from mergejax.models.tv_vgg import TorchvisionVGG
 from mergejax.models.vgg import VGG
 from mergejax.registry import Registry
 
@@ -34,6 +36,9 @@ _builder("resnet20", ResNet, "linear", depth=20)
 _builder("resnet", ResNet, "linear")
 _builder("vgg11", VGG, "classifier", depth=11)
 _builder("vgg16", VGG, "classifier", depth=16)
+_builder("resnet50", ResNet50, "fc")
+_builder("tv_vgg16", TorchvisionVGG, "classifier_6", depth=16, batch_norm=False)
+_builder("tv_vgg16_bn", TorchvisionVGG, "classifier_6", depth=16, batch_norm=True)
 
 
 def create(name: str, **kwargs) -> Model:

@@ -1,0 +1,153 @@
+"""The fine-tuned workflow: one base model, one fine-tuned copy per task, weight-space merges.
+
+As in the task-arithmetic / TALL-masks setting: a base is trained first (here on all tasks'
+classes, standing in for pre-training), then each task fine-tunes a copy of the base backbone
+with its own new head. Weight-space methods merge the backbones (`params` without the head);
+every task is evaluated with the merged backbone and its own fine-tuned head. BatchNorm
+statistics are averaged over the fine-tuned models (`+reset` recomputes them). Hyperparameters
+of a method are chosen on the validation split only (per task where the method says so).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from mergejax import data as data_lib
+from mergejax import evaluate, methods, repair, train
+from mergejax.endpoints import endpoint_key, get_or_train
+from mergejax.experiment import (
+    KINDS,
+    _image_batches,
+    _row,
+    check_methods,
+    model_from_config,
+    parse_method,
+    train_settings,
+)
+from mergejax.models import Model, Variables
+
+
+def split_head(variables: Variables, head: str) -> tuple[dict, dict]:
+    """(backbone params without `head`, head params)."""
+    params = dict(variables["params"])
+    head_params = params.pop(head)
+    return params, head_params
+
+
+def assemble(backbone: dict, head_params: dict, batch_stats: dict | None) -> Variables:
+    """A full variable tree from a backbone, a head and (optional) BatchNorm statistics."""
+    out = {"params": {**backbone, **head_params}}
+    if batch_stats is not None:
+        out["batch_stats"] = batch_stats
+    return out
+
+
+def _grid(method, fixed: dict) -> list[dict]:
+    """Every combination of the method's search grid, minus hyperparameters fixed by config."""
+    axes = {k: v for k, v in method.search.items() if k not in fixed}
+    base = {**method.hparams, **fixed}
+    if not axes:
+        return [base]
+    return [{**base, **dict(zip(axes, combo))} for combo in itertools.product(*axes.values())]
+
+
+@KINDS.decorator("finetune")
+def run_finetune(config, workdir: Path) -> list[dict]:
+    """Base + per-task fine-tuned models, merged by weight-space methods."""
+    check_methods(config.merge.methods, "weight_space")
+    # ---------------------------------------------------------------- data
+    dataset = data_lib.load(config.data.name, config.data.data_dir or None)
+    tasks = data_lib.split_classes(
+        dataset.num_classes, config.data.num_tasks, seed=config.seed,
+        kind=config.data.task_kind, classes_per_task=config.data.classes_per_task or None)
+    classes = data_lib.union(tasks)
+    logging.info("tasks: %s", tasks)
+    # ---------------------------------------------------------------- base and fine-tuned
+    base_model = model_from_config(config, num_classes=len(classes))
+    base_settings = train_settings(config)
+    base = get_or_train(workdir, dataset, classes, base_model, base_settings, config.seed, "base")
+    base_key = endpoint_key(dataset.name, classes, base_model, base_settings, config.seed)
+    ft_settings = train.TrainSettings(**{**base_settings.__dict__, **dict(config.finetune)})
+    head = base_model.head
+    base_backbone, _ = split_head(base, head)
+    task_models: list[Model] = []
+    finetuned: list[Variables] = []
+    for i, task in enumerate(tasks):
+        model = model_from_config(config, num_classes=len(task))
+        fresh = model.init(jax.random.key(config.seed + 1000 + i),
+                           np.asarray(dataset.splits["train"][0][:1]))
+        init = assemble(base_backbone, {head: fresh["params"][head]}, base.get("batch_stats"))
+        finetuned.append(get_or_train(workdir, dataset, task, model, ft_settings,
+                                      config.seed + 1 + i, f"finetuned_{i}", init=init,
+                                      parent=base_key))
+        task_models.append(model)
+    heads = [{head: split_head(v, head)[1]} for v in finetuned]
+    backbones = [split_head(v, head)[0] for v in finetuned]
+    mean_stats = None
+    if "batch_stats" in base:
+        mean_stats = jax.tree.map(lambda *s: np.mean(s, axis=0),
+                                  *[v["batch_stats"] for v in finetuned])
+    train_x = np.concatenate([data_lib.select(*dataset.splits["train"], t)[0] for t in tasks])
+    repair_batches = _image_batches(train_x, config.data.batch_size, config.merge.repair_batches,
+                                    config.seed + 1)
+
+    def score(per_task_variables: Sequence[Variables], split: str) -> dict:
+        images, labels = dataset.splits[split]
+        probs, head_tasks = [], []
+        keep = np.isin(labels, classes)
+        images, labels = images[keep], labels[keep]
+        for model, v, task in zip(task_models, per_task_variables, tasks):
+            z = evaluate.logits(model, v, images, config.data.eval_batch_size)
+            probs.append(evaluate._softmax(z))
+            head_tasks.append(task)
+        return evaluate.accuracies(probs, head_tasks, labels, tasks)
+
+    def with_heads(merged, stats, reset: bool) -> list[Variables]:
+        per_task = merged if isinstance(merged, list) else [merged] * len(tasks)
+        out = [assemble(bb, h, stats) for bb, h in zip(per_task, heads)]
+        if reset:
+            out = [repair.reset_batch_stats(m, v, repair_batches())
+                   for m, v in zip(task_models, out)]
+        return out
+
+    rows = [_row("base", score(with_heads(base_backbone, base.get("batch_stats"), False), "test"),
+                 0.0),
+            _row("finetuned", score(finetuned, "test"), 0.0)]
+    # ---------------------------------------------------------------- merges
+    key = jax.random.key(config.seed)
+    for entry in config.merge.methods:
+        name, variants = parse_method(entry)
+        method = methods.get(name)
+        fn = method.fn("weight_space")
+        fixed = dict(config.merge.get(name, {}))
+        reset = bool(variants)
+        start = time.perf_counter()
+        candidates = []
+        for hp in _grid(method, fixed):
+            merged = fn(base_backbone, backbones, key=key, **hp)
+            val = score(with_heads(merged, mean_stats, reset), "validation")
+            candidates.append((hp, merged, val))
+        if method.per_task_search and isinstance(candidates[0][1], list):
+            # choose per task: task t's model from the candidate best on task t's validation
+            chosen_hp, merged = [], []
+            for t in range(len(tasks)):
+                tname = evaluate.task_name(t)
+                hp, m, _ = max(candidates, key=lambda c, tname=tname: c[2]["per_task_acc"][tname])
+                chosen_hp.append(hp)
+                merged.append(m[t])
+            hparams = {"per_task": chosen_hp}
+        else:
+            hparams, merged, _ = max(candidates, key=lambda c: c[2]["task_avg_acc"])
+        final = with_heads(merged, mean_stats, reset)
+        seconds = time.perf_counter() - start
+        rows.append(_row(entry, score(final, "test"), seconds, hparams=hparams,
+                         num_candidates=len(candidates)))
+        logging.info("%s: %s", entry, rows[-1])
+    return rows

@@ -1,0 +1,44 @@
+"""The fine-tuned workflow end to end (:quick) with every weight-space method."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from mergejax import experiment, methods
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(name, arg="quick"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.mark.slow
+def test_finetune_quick_runs_every_method(tmp_path):
+    config = _config("digits_finetune_mlp")
+    with config.unlocked():
+        config.merge.task_arithmetic = {"lam": 0.5}  # a fixed value skips that search axis
+    rows = experiment.run(config, tmp_path)
+    names = [r["method"] for r in rows]
+    assert names[:2] == ["base", "finetuned"]
+    assert set(names[2:]) == set(config.merge.methods)
+    by_name = {r["method"]: r for r in rows}
+    assert len(by_name["finetuned"]["per_task_acc"]) == 5
+    assert by_name["task_arithmetic"]["hparams"]["lam"] == 0.5
+    assert by_name["task_arithmetic"]["num_candidates"] == 1
+    assert by_name["ties"]["num_candidates"] == len(methods.get("ties").search["lam"])
+    tall = by_name["tall_masks"]["hparams"]
+    assert len(tall["per_task"]) == 5  # lambda chosen per task
+    assert (tmp_path / "results.csv").exists()
+
+
+def test_finetune_refuses_matching_only_methods(tmp_path):
+    config = _config("digits_finetune_mlp")
+    with config.unlocked():
+        config.merge.methods = ("zipit",)
+    with pytest.raises(ValueError, match="weight_space"):
+        experiment.run(config, tmp_path)
