@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from mergejax import data as data_lib
-from mergejax import evaluate, methods, models, repair, results, specs, train
+from mergejax import evaluate, methods, model_io, models, repair, results, specs, train
 from mergejax.problem import MatchingProblem
 from mergejax.registry import Registry
 
@@ -99,6 +99,9 @@ def _row(method: str, metrics: dict, seconds: float, **extra) -> dict:
 def run_multitask(config, workdir: Path) -> list[dict]:
     """Endpoints trained on disjoint (or identical) label subsets, merged by matching methods."""
     check_methods(config.merge.methods, "matching")
+    unknown = sorted(set(config.export.formats) - set(model_io.FORMATS))
+    if unknown:
+        raise ValueError(f"unknown config.export.formats {unknown}; valid: {model_io.FORMATS}")
     # ---------------------------------------------------------------- data
     dataset = data_lib.load(config.data.name, config.data.data_dir or None)
     tasks = data_lib.split_classes(
@@ -112,8 +115,16 @@ def run_multitask(config, workdir: Path) -> list[dict]:
     from mergejax.endpoints import get_or_train
 
     settings = train_settings(config)
-    endpoints = [get_or_train(workdir, dataset, task, model, settings, config.seed + i,
-                              name=f"model_{chr(97 + i)}") for i, task in enumerate(tasks)]
+    example = dataset.splits["train"][0][:1]
+    checkpoints = tuple(config.endpoints.checkpoints)
+    if checkpoints:  # imported endpoints (orbax / torch / safetensors) instead of training
+        if len(checkpoints) != len(tasks):
+            raise ValueError(f"config.endpoints.checkpoints has {len(checkpoints)} files for "
+                             f"{len(tasks)} tasks {tasks}; give one per task, in task order")
+        endpoints = [model_io.load_endpoint(p, model, example) for p in checkpoints]
+    else:
+        endpoints = [get_or_train(workdir, dataset, task, model, settings, config.seed + i,
+                                  name=f"model_{chr(97 + i)}") for i, task in enumerate(tasks)]
     test_x, test_y = dataset.splits["test"]
     train_x = np.concatenate([data_lib.select(*dataset.splits["train"], t)[0] for t in tasks])
     stat_batches = _image_batches(train_x, config.data.batch_size, config.data.stat_batches,
@@ -146,6 +157,10 @@ def run_multitask(config, workdir: Path) -> list[dict]:
         seconds = time.perf_counter() - start
         heads = [(merged[0], tasks[0])] if shared_heads else list(zip(merged, tasks))
         extra = {"hparams": {**hparams, **({"stop_after": stop_after} if stop_after else {})}}
+        if config.export.formats:
+            model_io.export(workdir / "export", entry, model, [v for v, _ in heads],
+                            config.export.formats, example,
+                            meta={"tasks": [list(t) for _, t in heads]})
         rows.append(_row(entry, score(heads), seconds, **extra))
         logging.info("%s: %s", entry, rows[-1])
     return rows

@@ -104,3 +104,17 @@ def test_config_arguments_are_typed_and_checked():
     assert _config("quick").train.epochs < _config(None).train.epochs
     with pytest.raises(ValueError, match="valid"):
         _config("widht=3")
+
+
+@pytest.mark.slow
+def test_cifar_config_quick_under_tfds_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = _config("quick", name="cifar5_resnet20")
+    with config.unlocked():
+        config.merge.mudsc = {"iters": 2}
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+        rows = experiment.run(config, tmp_path)
+    methods = [r["method"] for r in rows]
+    assert methods[:3] == ["model_a", "model_b", "ensemble"]
+    assert methods[3:] == list(config.merge.methods)
+    assert all(0.0 <= r["joint_acc"] <= 1.0 for r in rows)

@@ -109,3 +109,15 @@ def test_unknown_architecture_lists_those_with_specs():
 
     with pytest.raises(KeyError, match="resnet20"):
         specs.for_model(Fake())
+
+
+def test_models_of_different_widths_are_refused_with_the_methods_named():
+    from mergejax import models
+
+    narrow = models.create("mlp", num_classes=5, hidden=(16, 12))
+    wide = models.create("mlp", num_classes=5, hidden=(16, 24))
+    va = narrow.init(jax.random.key(0), np.zeros((1, 8, 8, 1)))
+    vb = wide.init(jax.random.key(0), np.zeros((1, 8, 8, 1)))
+    spec = specs.for_model(narrow)
+    with pytest.raises(ValueError, match=r"dense_1/kernel.*zipit.*different widths"):
+        specs.apply_merge(spec, [va, vb], specs.identity_transforms(spec, 2))

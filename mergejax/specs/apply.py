@@ -72,7 +72,13 @@ def apply_merge(spec: MergeSpec, variables: Sequence[Mapping[str, Any]],
         raise ValueError(f"tails must be 'per_model' or 'average', got {tails!r}")
     n_models = len(variables)
     for i, v in enumerate(variables):
-        spec.check(v, label=f"model {i}")
+        try:
+            spec.check(v, label=f"model {i}")
+        except ValueError as e:
+            raise ValueError(
+                f"{e}. Every matching method here (average, permute, weight_matching, zipit, "
+                f"mudsc) needs models of one architecture and width; none accepts models of "
+                f"different widths yet") from None
     flats = [flatten(v) for v in variables]
     blocks = _blocks(transforms, n_models, spec)
     outs: list[dict[str, Any]] = [{} for _ in range(n_models)]
