@@ -19,8 +19,10 @@ def get_config(arg=None):
     c.train.epochs = 15
     c.train.lr = 0.05
     c.merge.methods = ("average", "average+repair", "weight_matching+repair", "permute+repair",
-                       "zipit", "zipit+repair")
+                       "zipit", "zipit+repair", "mudsc+repair", "zipit@stream2+repair",
+                       "zipit@stream1+repair")
     if args.quick:
+        c.merge.methods = ("average", "average+repair", "zipit@stream1+repair")
         c.model.width = 1
         c.train.epochs = 2
         c.data.stat_batches = 2

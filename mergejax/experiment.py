@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -52,21 +53,32 @@ def train_settings(config) -> train.TrainSettings:
     return train.TrainSettings(**{k: v for k, v in config.train.items() if k in fields})
 
 
-def parse_method(entry: str) -> tuple[str, tuple[str, ...]]:
-    """'zipit+repair' -> ('zipit', ('repair',)); unknown variants raise with the valid ones."""
-    name, *variants = entry.split("+")
+class MethodEntry(NamedTuple):
+    """One entry of `config.merge.methods`: `name[@space][+variant...]`."""
+
+    name: str
+    variants: tuple[str, ...]
+    stop_after: str | None  # partial zipping: merge the spaces up to this one
+
+
+def parse_method(entry: str) -> MethodEntry:
+    """'zipit@stream2+repair' -> MethodEntry('zipit', ('repair',), 'stream2').
+
+    Unknown methods or variants raise with the valid names.
+    """
+    head, *variants = entry.split("+")
+    name, _, stop_after = head.partition("@")
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r} in {entry!r}; valid: {VARIANTS}")
     methods.get(name)  # raises listing valid names
-    return name, tuple(variants)
+    return MethodEntry(name, tuple(variants), stop_after or None)
 
 
 def check_methods(entries, family: str) -> None:
     """Fails before any work if a method is unknown or lacks `family`."""
     for entry in entries:
-        name, _ = parse_method(entry)
-        methods.get(name).fn(family)
+        methods.get(parse_method(entry).name).fn(family)
 
 
 def run(config, workdir: str | os.PathLike) -> list[dict]:
@@ -142,10 +154,11 @@ def run_multitask(config, workdir: Path) -> list[dict]:
     rows.append(_row("ensemble", score(list(zip(endpoints, tasks))), 0.0))
     # ---------------------------------------------------------------- merges
     for entry in config.merge.methods:
-        name, variants = parse_method(entry)
+        name, variants, stop_after = parse_method(entry)
         method = methods.get(name)
         hparams = {**method.hparams, **dict(config.merge.get(name, {}))}
-        stop_after = hparams.pop("stop_after", None) or None
+        stop_after = stop_after or hparams.pop("stop_after", None) or None
+        hparams.pop("stop_after", None)
         problem = MatchingProblem(model, spec, endpoints, spec.prefix(stop_after), stat_batches,
                                   key=jax.random.key(config.seed))
         start = time.perf_counter()
@@ -153,7 +166,9 @@ def run_multitask(config, workdir: Path) -> list[dict]:
         merged = specs.apply_merge(spec, endpoints, transforms,
                                    tails="average" if shared_heads else "per_model")
         if variants:  # for BatchNorm nets REPAIR is exactly a BatchNorm reset
-            merged = [repair.reset_batch_stats(model, v, repair_batches()) for v in merged]
+            merged = (repair.repair(model, spec, endpoints, merged, transforms, repair_batches())
+                      if "repair" in variants else
+                      [repair.reset_batch_stats(model, v, repair_batches()) for v in merged])
         seconds = time.perf_counter() - start
         heads = [(merged[0], tasks[0])] if shared_heads else list(zip(merged, tasks))
         extra = {"hparams": {**hparams, **({"stop_after": stop_after} if stop_after else {})}}

@@ -123,7 +123,9 @@ def run_finetune(config, workdir: Path) -> list[dict]:
     # ---------------------------------------------------------------- merges
     key = jax.random.key(config.seed)
     for entry in config.merge.methods:
-        name, variants = parse_method(entry)
+        name, variants, stop_after = parse_method(entry)
+        if stop_after:
+            raise ValueError(f"{entry!r}: partial merging (@space) is for matching methods")
         method = methods.get(name)
         fn = method.fn("weight_space")
         fixed = dict(config.merge.get(name, {}))

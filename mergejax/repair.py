@@ -1,19 +1,29 @@
-"""Post-merge repair: BatchNorm reset (and REPAIR, which for BatchNorm nets is exactly a reset).
+"""Post-merge repair: BatchNorm reset, and REPAIR (Jordan et al., ICLR 2023) for nets without it.
 
 ZipIt! and REPAIR recompute BatchNorm running statistics of a merged model on a few batches of
 training data: a cumulative (equal-weight per example) average of each batch's statistics in
-train mode, like torch's momentum=None.
+train mode, like torch's momentum=None. For BatchNorm nets that *is* REPAIR: the BatchNorm
+affine parameters are already the merge-weighted interpolation of the endpoints'.
+
+Without BatchNorm, REPAIR rescales each merged layer so that its pre-activations have, per
+channel, the merge-weighted interpolation of the endpoints' mean and standard deviation
+(REPAIR's notebooks insert a BatchNorm with weight (1-a)sigma_0 + a sigma_1 and bias
+(1-a)mu_0 + a mu_1, reset it, and fold it into the conv; `repair` does the fold directly).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mergejax.models import Model, Variables
+from mergejax.specs import MergeSpec
+from mergejax.specs.spec import Space, flatten, unflatten
 
 
 @functools.lru_cache(maxsize=16)
@@ -44,3 +54,154 @@ def reset_batch_stats(model: Model, variables: Variables, batches: Iterable[np.n
         raise ValueError("BatchNorm reset needs at least one batch of data")
     new_stats = jax.tree.map(lambda s: (s / count).astype(np.float32), total)
     return {**variables, "batch_stats": new_stats}
+
+
+# ------------------------------------------------------------------------------------ REPAIR
+@functools.lru_cache(maxsize=32)
+def _moments_fn(model: Model, taps: tuple[str, ...]):
+    """jit fn(variables, x) -> {tap: (count, mean (C,), centred sum of squares (C,))}."""
+
+    def moments(variables, x):
+        feats = model.features(variables, x)[1]
+        out = {}
+        for t in taps:
+            f = feats[t].reshape(-1, feats[t].shape[-1]).astype(jnp.float32)
+            mu = f.mean(0)
+            # Centred within the batch, so large-mean channels do not cancel catastrophically.
+            out[t] = (f.shape[0], mu, jnp.sum(jnp.square(f - mu), axis=0))
+        return out
+
+    return jax.jit(moments)
+
+
+def channel_moments(model: Model, variables: Variables, taps: Sequence[str],
+                    batches: Sequence[np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per tap, float64 (mean (C,), std (C,)) of every channel over all positions of `batches`.
+
+    Every position of every image weighs the same (batches of different sizes are combined
+    exactly with Chan's parallel update); the std is the biased (population) one.
+
+    Raises:
+      ValueError naming the tap when an activation is NaN or infinite.
+    """
+    fn = _moments_fn(model, tuple(taps))
+    acc: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+    for x in batches:
+        for t, (n_b, mu_b, m2_b) in fn(variables, x).items():
+            mu_b, m2_b = np.asarray(mu_b, np.float64), np.asarray(m2_b, np.float64)
+            if t not in acc:
+                acc[t] = (n_b, mu_b, m2_b)
+                continue
+            n_a, mu_a, m2_a = acc[t]
+            n = n_a + n_b
+            delta = mu_b - mu_a
+            acc[t] = (n, mu_a + delta * (n_b / n), m2_a + m2_b + delta ** 2 * (n_a * n_b / n))
+    if not acc:
+        raise ValueError("REPAIR needs at least one batch of data")
+    out = {}
+    for t, (n, mu, m2) in acc.items():
+        if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(m2))):
+            raise ValueError(f"non-finite activations at tap {t!r}")
+        out[t] = (mu, np.sqrt(np.maximum(m2 / n, 0.0)))
+    return out
+
+
+def _fold_leaves(spec: MergeSpec, space: Space) -> tuple[list[tuple[str, int]], list[str]]:
+    """The producing (kernel path, produced axis) pairs and bias paths of `space`.
+
+    The fold is exact only when the pre-activation is sum(kernels . inputs) + biases, so any
+    other producing leaf (a norm's scale, running statistics) is an error.
+    """
+    kernels, biases = [], []
+    for path, axis, produces in spec.axes_of(space.name):
+        if not produces:
+            continue
+        leaf_name = path.rsplit("/", 1)[-1]
+        if path.startswith("params/") and leaf_name == "kernel":
+            kernels.append((path, axis))
+        elif path.startswith("params/") and leaf_name == "bias":
+            biases.append(path)
+        else:
+            raise ValueError(f"space {space.name!r}: REPAIR cannot fold into producing leaf "
+                             f"{path}; declare the space without a pre_tap")
+    if not kernels or not biases:
+        raise ValueError(f"space {space.name!r}: REPAIR needs a producing kernel and bias to "
+                         f"fold into, found kernels {kernels} and biases {biases}")
+    return kernels, biases
+
+
+def repair(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
+           merged: Variables | Sequence[Variables], transforms: Mapping[str, Any],
+           batches: Iterable[np.ndarray], *, min_std: float = 1e-6
+           ) -> Variables | list[Variables]:
+    """REPAIR: the merged model with its pre-activation statistics set to the endpoints' blend.
+
+    BatchNorm models (`batch_stats` in the merged variables) get a BatchNorm reset, which is
+    REPAIR's exact equivalent. Otherwise, for every merged space (a key of `transforms`) that
+    has a `pre_tap`, in depth order: with merge matrix M = [M_1 .. M_N] (n_out, N*n) and the
+    endpoints' per-channel pre-activation mean mu_i (n,) and std sigma_i (n,),
+
+        target_mu = sum_i M_i mu_i,   target_sigma = sum_i M_i sigma_i        (n_out,)
+
+    (REPAIR's (mu_a + mu_b)/2, (sigma_a + sigma_b)/2 for M = [I/2, I/2]); the merged model's
+    own mean mu_m and std sigma_m are measured on the same batches, and the correction
+    pre' = (pre - mu_m) * r + target_mu, r = target_sigma / sigma_m, is folded into the
+    producing leaves: kernels are scaled by r along the produced axis, the bias becomes
+    (bias - mu_m) * r + target_mu. The merged model is re-measured for every space, since an
+    upstream correction changes downstream statistics. Channels whose merged std is at most
+    `min_std * (1 + |mu_m|)` (dead or constant) are left untouched. Spaces without `pre_tap`
+    and unmerged spaces (past a partial-zip cut) are not touched.
+
+    Args:
+      model: the architecture (shared by endpoints and merged model).
+      spec: its merge spec; `Space.pre_tap` names the pre-activation taps.
+      endpoints: N variable trees, the models that were merged.
+      merged: the merged variables, or a list of trees sharing the merged trunk (one per task
+        head, as `apply_merge` returns); each gets the same correction.
+      transforms: `{space: (merge (n_out, N*n), unmerge (N*n, n_out))}` used for the merge.
+      batches: image batches (B, H, W, C) of training data; read into memory once, since
+        they are passed over once per repaired space.
+      min_std: relative threshold below which a merged channel counts as zero-variance.
+
+    Returns:
+      The repaired variables, in the form of `merged` (one tree or a list of trees).
+    """
+    single = isinstance(merged, Mapping)
+    trees = [merged] if single else list(merged)
+    batches = [np.asarray(x) for x in batches]
+    if not batches:
+        raise ValueError("REPAIR needs at least one batch of data")
+    if any("batch_stats" in t for t in trees):
+        out = [reset_batch_stats(model, t, batches) for t in trees]
+        return out[0] if single else out
+    spaces = [s for s in spec.spaces if s.name in transforms and s.pre_tap is not None]
+    if not spaces:
+        return merged
+    folds = {s.name: _fold_leaves(spec, s) for s in spaces}  # fail before any forward pass
+    taps = [s.pre_tap for s in spaces]
+    per_model = [channel_moments(model, v, taps, batches) for v in endpoints]
+    flats = [{k: np.array(v) for k, v in flatten(t).items()} for t in trees]
+    for s in spaces:
+        merge = np.asarray(transforms[s.name][0], np.float64)
+        target_mu = merge @ np.concatenate([m[s.pre_tap][0] for m in per_model])
+        target_sigma = merge @ np.concatenate([m[s.pre_tap][1] for m in per_model])
+        # The trunk up to a merged space is shared, so any tree measures it.
+        mu_m, sigma_m = channel_moments(model, unflatten(flats[0]), [s.pre_tap], batches)[
+            s.pre_tap]
+        live = sigma_m > min_std * (1.0 + np.abs(mu_m))
+        ratio = np.where(live, target_sigma / np.where(live, sigma_m, 1.0), 1.0)
+        shift = np.where(live, target_mu - mu_m * ratio, 0.0)
+        kernels, biases = folds[s.name]
+        for flat in flats:
+            for path, axis in kernels:
+                leaf = flat[path]
+                shape = [1] * leaf.ndim
+                shape[axis] = -1
+                flat[path] = (leaf * ratio.reshape(shape)).astype(leaf.dtype)
+            for j, path in enumerate(biases):
+                # pre = sum of every producer's output, so the shift goes on one bias only.
+                leaf = flat[path]
+                new = leaf * ratio + (shift if j == 0 else 0.0)
+                flat[path] = new.astype(leaf.dtype)
+    out = [unflatten(f) for f in flats]
+    return out[0] if single else out

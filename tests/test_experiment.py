@@ -26,12 +26,15 @@ def _config(arg="quick", name="digits_resnet20"):
 def test_quick_launch_writes_results_and_reuses_endpoints(tmp_path):
     cmd = [sys.executable, str(ROOT / "launch.py"),
            "--config=" + str(ROOT / "configs/digits_resnet20.py") + ":quick",
-           f"--workdir={tmp_path}", "--config.merge.methods=('average','average+repair')"]
+           f"--workdir={tmp_path}",
+           "--config.merge.methods=('average','average+repair','zipit@stream1+repair')"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())
     methods = [r["method"] for r in rows]
-    assert methods == ["model_a", "model_b", "ensemble", "average", "average+repair"]
+    assert methods == ["model_a", "model_b", "ensemble", "average", "average+repair",
+                       "zipit@stream1+repair"]
+    assert rows[-1]["hparams"]["stop_after"] == "stream1"
     for r in rows:
         assert set(r["per_task_acc"]) == {"task_a", "task_b"}
         assert 0.0 <= r["joint_acc"] <= 1.0 and r["seconds"] >= 0.0

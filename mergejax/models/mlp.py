@@ -1,7 +1,7 @@
 """A multi-layer perceptron on flattened inputs (Dense-ReLU blocks and a linear head).
 
-Taps: `hidden{i}` (post-ReLU output of Dense layer i). Inputs (B, H, W, C) are flattened in
-(H, W, C) order.
+Taps: `hidden{i}` (post-ReLU output of Dense layer i) and `pre_hidden{i}` (the Dense output before
+the ReLU, which REPAIR rescales). Inputs (B, H, W, C) are flattened in (H, W, C) order.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.hidden):
-            x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
+            x = nn.Dense(width, name=f"dense_{i}")(x)
+            self.sow("intermediates", f"pre_hidden{i}", x)
+            x = nn.relu(x)
             self.sow("intermediates", f"hidden{i}", x)
         return nn.Dense(self.num_classes, name="linear")(x)

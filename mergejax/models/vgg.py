@@ -4,7 +4,8 @@ Convolutions are 3x3 with padding 1 and a bias, each followed by BatchNorm (if `
 ReLU; 'M' entries are 2x2 max pools; the classifier is one linear layer on the flattened
 features (512*w at 32x32 input). Parameter names: `conv_{k}`, `bn_{k}` for the k-th conv,
 `classifier`. Taps: `act_{k}` (post-ReLU output, after the following max pool if any, i.e. what
-the next layer consumes).
+the next layer consumes) and `pre_act_{k}` (conv (+BatchNorm) output before the ReLU and pool,
+the pre-activation REPAIR rescales).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class VGG(nn.Module):
             if self.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, name=f"bn_{k}",
                                  **{**BN_KWARGS, "momentum": self.bn_momentum})(x)
+            self.sow("intermediates", f"pre_act_{k}", x)
             x = nn.relu(x)
             if i + 1 < len(layers) and layers[i + 1] == "M":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))

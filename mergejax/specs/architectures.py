@@ -33,7 +33,7 @@ def mlp_spec(model: Model) -> MergeSpec:
     b = SpecBuilder()
     prev = None
     for i, width in enumerate(model.module.hidden):
-        space = b.space(f"hidden{i}", width, f"hidden{i}")
+        space = b.space(f"hidden{i}", width, f"hidden{i}", pre_tap=f"pre_hidden{i}")
         b.dense(f"dense_{i}", prev, space)
         prev = space
     b.head("linear", prev)
@@ -82,7 +82,7 @@ def _vgg_spec(model: Model) -> MergeSpec:
     prev = None
     channels = [c * m.width for c in CONFIGS[m.depth] if c != "M"]
     for k, width in enumerate(channels):
-        space = b.space(f"act_{k}", width, f"act_{k}")
+        space = b.space(f"act_{k}", width, f"act_{k}", pre_tap=f"pre_act_{k}")
         b.conv(f"conv_{k}", prev, space, bias=True)
         if m.batch_norm:
             b.norm(f"bn_{k}", space)

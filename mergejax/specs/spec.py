@@ -27,12 +27,17 @@ class Space:
 
     `groups` > 1 says the channels come in that many contiguous equal groups (attention heads,
     GroupNorm groups) that group matching moves as wholes.
+
+    `pre_tap` names the tap of the space's pre-activation (the producing layer's output before
+    its nonlinearity), where REPAIR measures and corrects statistics; None if not observable or
+    not foldable into the producing leaves.
     """
 
     name: str
     width: int
     tap: str | None
     groups: int = 1
+    pre_tap: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,11 +122,12 @@ class SpecBuilder:
         self._spaces: dict[str, Space] = {}
         self._leaves: dict[str, tuple[Axis, ...]] = {}
 
-    def space(self, name: str, width: int, tap: str | None, groups: int = 1) -> str:
+    def space(self, name: str, width: int, tap: str | None, groups: int = 1,
+              pre_tap: str | None = None) -> str:
         """Declares a space (in depth order) and returns its name."""
         if name in self._spaces:
             raise ValueError(f"space {name!r} declared twice")
-        self._spaces[name] = Space(name, width, tap, groups)
+        self._spaces[name] = Space(name, width, tap, groups, pre_tap)
         return name
 
     def leaf(self, path: str, *axes: Axis) -> None:
