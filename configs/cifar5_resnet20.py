@@ -7,28 +7,8 @@ Needs CIFAR-10 prepared offline with tfds (the error message says how). Expected
 ZipIt! > Permute > weight averaging in joint accuracy. Arguments: `:width=N`, `:quick`.
 """
 
-from mergejax.config_lib import base_config, parse_arg
+from mergejax.config_lib import matching_cifar_config
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, width=4, quick=False)
-    c = base_config()
-    c.data.name = "cifar10"
-    c.data.num_tasks = 2
-    c.data.stat_batches = 20
-    c.model.name = "resnet20"
-    c.model.width = args.width
-    c.train.epochs = 100
-    c.train.lr = 0.4
-    c.train.warmup_epochs = 5.0
-    c.merge.methods = ("average+repair", "weight_matching+repair", "permute+repair",
-                       "zipit+repair", "mudsc+repair")
-    c.merge.repair_batches = 20
-    if args.quick:
-        c.model.width = 1
-        c.train.epochs = 1
-        c.train.batch_size = 16
-        c.data.batch_size = 16
-        c.data.stat_batches = 1
-        c.merge.repair_batches = 1
-    return c
+    return matching_cifar_config(arg, dataset="cifar10", model="resnet20", width=4, lr=0.4)

@@ -10,29 +10,8 @@ On a 2-core CPU, width 4 at 32x32 costs ~20 s per training step: use a lent GPU,
 Arguments: `:width=N`, `:quick`.
 """
 
-from mergejax.config_lib import base_config, parse_arg
+from mergejax.config_lib import matching_cifar_config
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, width=4, quick=False)
-    c = base_config()
-    c.data.name = "cifar100"
-    c.data.num_tasks = 2
-    c.data.stat_batches = 20
-    c.model.name = "resnet20"
-    c.model.width = args.width
-    c.train.epochs = 100
-    c.train.lr = 0.4
-    c.train.warmup_epochs = 5.0
-    c.train.schedule = "cosine"
-    c.merge.methods = ("average+repair", "weight_matching+repair", "permute+repair",
-                       "zipit+repair", "mudsc+repair")
-    c.merge.repair_batches = 20
-    if args.quick:
-        c.model.width = 1
-        c.train.epochs = 1
-        c.train.batch_size = 16
-        c.data.batch_size = 16
-        c.data.stat_batches = 1
-        c.merge.repair_batches = 1
-    return c
+    return matching_cifar_config(arg, dataset="cifar100", model="resnet20", width=4, lr=0.4)

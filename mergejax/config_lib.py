@@ -6,6 +6,9 @@ into typed fields with defaults (a bare name is a boolean flag).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -46,4 +49,40 @@ def base_config() -> ml_collections.ConfigDict:
     c.merge = ml_collections.ConfigDict(dict(methods=("average",), repair_batches=8))
     c.endpoints = ml_collections.ConfigDict(dict(checkpoints=()))
     c.export = ml_collections.ConfigDict(dict(formats=()))
+    return c
+
+
+def load_config_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path` (what `--config=path:arg` gives)."""
+    spec = importlib.util.spec_from_file_location("_mergejax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def matching_cifar_config(arg: str | None, *, dataset: str, model: str, width: int,
+                          lr: float) -> ml_collections.ConfigDict:
+    """The ZipIt!-style CIFAR multitask config (2 tasks, 100 epochs, every matching method with
+    REPAIR); `arg` takes `width=N` and `quick` (a tiny run for tests under tfds mock data)."""
+    args = parse_arg(arg, width=width, quick=False)
+    c = base_config()
+    c.data.name = dataset
+    c.data.num_tasks = 2
+    c.data.stat_batches = 20
+    c.model.name = model
+    c.model.width = args.width
+    c.train.epochs = 100
+    c.train.lr = lr
+    c.train.warmup_epochs = 5.0
+    c.merge.methods = ("average+repair", "weight_matching+repair", "permute+repair",
+                       "zipit+repair", "mudsc+repair")
+    c.merge.repair_batches = 20
+    if args.quick:
+        c.model.width = min(args.width, 1)
+        c.train.epochs = 1
+        c.train.batch_size = 16
+        c.data.batch_size = 16
+        c.data.eval_batch_size = 32
+        c.data.stat_batches = 1
+        c.merge.repair_batches = 1
     return c

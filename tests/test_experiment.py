@@ -9,17 +9,13 @@ from pathlib import Path
 import pytest
 
 from mergejax import checkpointing, experiment
+from mergejax.config_lib import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(arg="quick", name="digits_resnet20"):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config_file(ROOT / "configs" / f"{name}.py", arg)
 
 
 @pytest.mark.slow

@@ -1,20 +1,17 @@
 """The fine-tuned workflow end to end (:quick) with every weight-space method."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from mergejax import experiment, methods
+from mergejax.config_lib import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(name, arg="quick"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config_file(ROOT / "configs" / f"{name}.py", arg)
 
 
 @pytest.mark.slow

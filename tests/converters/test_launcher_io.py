@@ -1,6 +1,5 @@
 """The launcher takes torch endpoints from the config and exports merged models to torch."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +10,14 @@ torch = pytest.importorskip("torch")
 from torch_models import ZipItResNet, randomize  # noqa: E402
 
 from mergejax import checkpointing, converters, data, evaluate, experiment  # noqa: E402
+from mergejax.config_lib import load_config_file  # noqa: E402
 from mergejax.models import create  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config():
-    spec = importlib.util.spec_from_file_location("c", ROOT / "configs" / "digits_resnet20.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("quick")
+    return load_config_file(ROOT / "configs" / "digits_resnet20.py", "quick")
 
 
 @pytest.mark.slow
