@@ -47,6 +47,15 @@ def base_config() -> ml_collections.ConfigDict:
     # fine-tuning overrides of `train` (kind "finetune")
     c.finetune = ml_collections.ConfigDict(dict(epochs=5, lr=0.01, warmup_epochs=0.0))
     c.merge = ml_collections.ConfigDict(dict(methods=("average",), repair_batches=8))
+    # Every method's hyperparameters, typed by their defaults, so that any of them can be set
+    # from the command line (--config.merge.zipit.alpha=0.5). `search` lists those a finetune
+    # run chooses on the validation split (the others keep the value given here).
+    from mergejax import methods
+
+    for name in methods.names():
+        method = methods.get(name)
+        c.merge[name] = ml_collections.ConfigDict(
+            {**method.hparams, "search": tuple(method.search)})
     c.endpoints = ml_collections.ConfigDict(dict(checkpoints=()))
     c.export = ml_collections.ConfigDict(dict(formats=()))
     return c

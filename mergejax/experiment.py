@@ -157,6 +157,7 @@ def run_multitask(config, workdir: Path) -> list[dict]:
         name, variants, stop_after = parse_method(entry)
         method = methods.get(name)
         hparams = {**method.hparams, **dict(config.merge.get(name, {}))}
+        hparams.pop("search", None)  # validation search is for finetune runs
         stop_after = stop_after or hparams.pop("stop_after", None) or None
         hparams.pop("stop_after", None)
         problem = MatchingProblem(model, spec, endpoints, spec.prefix(stop_after), stat_batches,

@@ -49,10 +49,17 @@ def assemble(backbone: dict, head_params: dict, batch_stats: dict | None) -> Var
     return out
 
 
-def _grid(method, fixed: dict) -> list[dict]:
-    """Every combination of the method's search grid, minus hyperparameters fixed by config."""
-    axes = {k: v for k, v in method.search.items() if k not in fixed}
-    base = {**method.hparams, **fixed}
+def _grid(method, settings: dict) -> list[dict]:
+    """Every combination of the grids of the hyperparameters listed in `settings["search"]`;
+    the others keep their values in `settings` (defaults: the method's)."""
+    settings = dict(settings)
+    searched = tuple(settings.pop("search", tuple(method.search)))
+    unknown = sorted(set(searched) - set(method.search))
+    if unknown:
+        raise ValueError(f"method {method.name!r} has no search grid for {unknown}; "
+                         f"searchable: {sorted(method.search)}")
+    base = {**method.hparams, **settings}
+    axes = {k: method.search[k] for k in searched}
     if not axes:
         return [base]
     return [{**base, **dict(zip(axes, combo))} for combo in itertools.product(*axes.values())]
@@ -128,11 +135,11 @@ def run_finetune(config, workdir: Path) -> list[dict]:
             raise ValueError(f"{entry!r}: partial merging (@space) is for matching methods")
         method = methods.get(name)
         fn = method.fn("weight_space")
-        fixed = dict(config.merge.get(name, {}))
+        settings = dict(config.merge.get(name, {}))
         reset = bool(variants)
         start = time.perf_counter()
         candidates = []
-        for hp in _grid(method, fixed):
+        for hp in _grid(method, settings):
             merged = fn(base_backbone, backbones, key=key, **hp)
             val = score(with_heads(merged, mean_stats, reset), "validation")
             candidates.append((hp, merged, val))

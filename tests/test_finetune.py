@@ -18,7 +18,8 @@ def _config(name, arg="quick"):
 def test_finetune_quick_runs_every_method(tmp_path):
     config = _config("digits_finetune_mlp")
     with config.unlocked():
-        config.merge.task_arithmetic = {"lam": 0.5}  # a fixed value skips that search axis
+        config.merge.task_arithmetic.lam = 0.5  # fixed: not searched
+        config.merge.task_arithmetic.search = ()
     rows = experiment.run(config, tmp_path)
     names = [r["method"] for r in rows]
     assert names[:2] == ["base", "finetuned"]
