@@ -5,7 +5,7 @@
 
 The naive loop is `tests/kernels/zipit_oracle.py`: a flat argmax over the remaining matrix and a
 row + column deletion per step, i.e. the published algorithm's O(n^3) structure. It runs only up
-to `--naive-max` (default 2048; ~4 s per run there on a 2-core CPU). Beyond that its time is
+to `--naive-max` (default 2048; ~1.5-2 s per run there on a 2-core CPU). Beyond that its time is
 extrapolated from the growth exponent measured between the two largest sizes it ran at, and the
 table says so. zip_match is timed after a warm-up call (compile time reported separately), with
 `block_until_ready`; every timing is the median of the repetitions, the two implementations

@@ -2,19 +2,20 @@
 
 The published loop (gstoica27/ZipIt, `matching_functions.py`) takes a flat argmax over the whole
 remaining similarity matrix, merges the pair, and deletes one row and one column with
-`torch.cat` on every step: O(O^3) work with O^2 copies per step. Here the matrix keeps its full
-(O, O) shape for the whole run: a removed feature has its row and column set to -inf and is
-flagged dead. Each row caches its best candidate (value and first column reaching it), so a step
-only touches the merged row, the merged column and the few rows whose cached best was invalidated:
-O(O) work per step instead of O(O^2), exactly O - n_out steps in one `lax.fori_loop`.
+`torch.cat` on every step: O(O^2) work per step, O(O^3) in all. Here the matrix keeps its full
+shape for the whole run (a removed feature is only flagged dead and masked out of every read), and
+each row caches an upper bound of its maximum plus, when known to be exact, the first column
+reaching it. A step reads and writes the merged row and column and compares the new column with
+the cached bounds: O(O) work. A row whose cached best was invalidated is rescanned only if it
+reaches the top (lazy greedy). Exactly O - n_out steps run in one `lax.fori_loop`.
 
 Exact parity with the reference, including tie-breaking: the reference picks the first maximum
 in row-major order of its *shrinking* matrix. Deleting a row or column never reorders the others,
 so a live entry's (row rank, column rank) orders the same way as its (row, column) original
 indices; row-major order over the live entries of the masked matrix is the reference's order.
-The first maximum is therefore found in two stages: the first row whose cached maximum is the
-global maximum, then that row's cached first-best column. (A flat 2D `jnp.argmax` would give the
-same index but is ~30x slower than `max` on XLA:CPU; see perf_anchors.md.)
+The first maximum is therefore found in two stages: the first row whose maximum is the global
+maximum, then that row's first column reaching it. (A flat 2D `jnp.argmax` would give the same
+index but is ~30x slower than `max` on XLA:CPU; see perf_anchors.md.)
 """
 
 from __future__ import annotations
@@ -147,13 +148,18 @@ def _zip_match(
 
     Storage: the similarity matrix S (padded to P = a multiple of `tile` with dead features) is
     kept as T of shape (P/B, P, B) with T[c // B, r, c % B] = S[r, c]: blocks of B columns, each
-    stored row-major. A step reads and writes one row *and one column*; in plain row-major
-    storage a column is P loads/stores P*4 bytes apart (a TLB miss and a cache miss each), which
-    dominated the step time (~4x slower at O = 2048). In T a column is P loads 4*B bytes apart in
-    one P*4*B-byte span (prefetch-friendly), and a row is P/B runs of B contiguous floats.
+    stored row-major. A step reads and writes rows *and columns*; in plain row-major storage a
+    column is P accesses P*4 bytes apart (a TLB miss and a cache miss each): the whole run was
+    ~2x slower at O = 2048 and 8192. In T a column is P accesses 4*B bytes apart within one
+    P*4*B-byte span (prefetch-friendly), and a row is P/B runs of B contiguous floats.
 
     Dead features are not overwritten with -inf: every read masks them with the live mask
     instead, which saves a row and a column write per step.
+
+    State carried by the loop (all (P,) unless noted): tiles (P/B, P, B); best_val (upper bound
+    of each row's maximum over live columns); best_col and exact (exact: best_val is the row's
+    maximum and best_col its first column); live; rank (number of live features before each
+    one); rep (surviving feature each one was merged into, -1 if dropped); budget (N,).
     """
     big_o = corr.shape[0]
     n = big_o // num_models
@@ -173,22 +179,32 @@ def _zip_match(
 
     if p > big_o:
         corr = jnp.pad(corr, ((0, p - big_o), (0, p - big_o)), constant_values=_NEG_INF)
-    sims = jnp.where(idx[:, None] == idx[None, :], _NEG_INF, corr)
-    best_val, best_col = _first_max(sims)  # the only full O^2 reduction of the run
-    tiles = sims.reshape(p, nb, b).transpose(1, 0, 2)  # (P/B, P, B)
+    tiles = corr.reshape(p, nb, b).transpose(1, 0, 2)  # (P/B, P, B)
+    row_t = lax.broadcasted_iota(jnp.int32, tiles.shape, 1)
+    col_t = lax.broadcasted_iota(jnp.int32, tiles.shape, 0) * b + lax.broadcasted_iota(
+        jnp.int32, tiles.shape, 2
+    )
+    tiles = jnp.where(row_t == col_t, _NEG_INF, tiles)  # diagonal: never a candidate
+    # initial row maxima: the only full O^2 reduction of the run
+    best_val = jnp.max(tiles, axis=(0, 2))
+    best_col = jnp.min(jnp.where(tiles == best_val[None, :, None], col_t, p), axis=(0, 2))
 
-    def read_rows(tiles, r):
-        """Rows r (k,) int32 of S -> (k, P) (a gather: materialised once, see below)."""
-        return tiles[:, r, :].transpose(1, 0, 2).reshape(r.shape[0], p)
+    def col_start(c):
+        """Start of column c >= 0 in the tiled storage. lax.div/rem: C semantics, without the
+        sign fix-ups of `//` and `%`, which XLA would otherwise repeat in per-element loops."""
+        return lax.div(c, b), 0, lax.rem(c, b)
 
-    def read_cols(tiles, c):
-        """Columns c (k,) int32 of S -> (k, P)."""
-        return tiles[c // b, :, c % b]
+    def read_row(tiles, r):
+        """Row r () int32 of S -> (P,)."""
+        return lax.dynamic_slice(tiles, (0, r, 0), (nb, 1, b)).reshape(p)
+
+    def read_col(tiles, c):
+        """Column c () int32 of S -> (P,)."""
+        return lax.dynamic_slice(tiles, col_start(c), (1, p, 1)).reshape(p)
 
     def rescan(tiles, r, live):
         """(best value, first best column) of row r () int32 over the live columns."""
-        row = lax.dynamic_slice(tiles, (0, r, 0), (nb, 1, b)).reshape(p)
-        return _first_max(jnp.where(live, row, _NEG_INF))
+        return _first_max(jnp.where(live, read_row(tiles, r), _NEG_INF))
 
     def pick(tiles, best_val, best_col, exact, live):
         """First maximum in row-major order, rescanning only rows that reach the top.
@@ -228,8 +244,12 @@ def _zip_match(
             tiles, best_val, best_col, exact, _ = carry
             start = o * n
             rows = lax.dynamic_slice(tiles, (0, start, 0), (nb, n, b))
-            rows = jnp.where(col_of_o, _NEG_INF, rows)
-            tiles = lax.dynamic_update_slice(tiles, rows, (0, start, 0))
+            tiles = lax.dynamic_update_slice(
+                tiles, jnp.where(col_of_o, _NEG_INF, rows), (0, start, 0)
+            )
+            # rescan from the updated matrix, not from `rows`: reading the old one after the
+            # write would make XLA copy the whole matrix
+            rows = lax.dynamic_slice(tiles, (0, start, 0), (nb, n, b))
             flat = rows.transpose(1, 0, 2).reshape(n, p)
             val, col = _first_max(jnp.where(live, flat, _NEG_INF))
             # dead rows hold stale finite data: their best must stay -inf
@@ -265,18 +285,11 @@ def _zip_match(
         keep = still & (idx != i)  # entries of the merged row/column that are not -inf
 
         # --- merged column and row ---
-        # Rows i, j and columns i, j are read by one gather each (materialised, not re-fused
-        # into several consumers), and the first write depends on both (below): so every
-        # read of the old matrix provably precedes the in-place writes. Otherwise XLA copies
-        # the whole matrix every step, which makes a step O(O^2).
-        def ds_row(r):
-            return lax.dynamic_slice(tiles, (0, r, 0), (nb, 1, b)).reshape(p)
-
-        def ds_col(c):
-            return lax.dynamic_slice(tiles, (c // b, 0, c % b), (1, p, 1)).reshape(p)
-
-        new_row = jnp.minimum(ds_row(i), ds_row(j))
-        new_col = jnp.minimum(ds_col(i), ds_col(j))
+        # In-place updates: XLA only updates `tiles` in place (instead of copying all O^2
+        # entries every step) if it can prove every read of the old matrix happens before the
+        # first write. The writes below depend on all four reads (see the diagonal entry).
+        new_row = jnp.minimum(read_row(tiles, i), read_row(tiles, j))
+        new_col = jnp.minimum(read_col(tiles, i), read_col(tiles, j))
         if positional:
             # reference: rows by rank among the live rows with j still present; columns by
             # rank among the live columns after j's column was deleted
@@ -296,9 +309,10 @@ def _zip_match(
         scale = jnp.where(block, jnp.float32(1), alpha)
         new_col = jnp.where(keep & ~blocked_rows, new_col * scale, _NEG_INF)
         new_row = jnp.where(keep & ~blocked_cols, new_row * scale, _NEG_INF)
-        # min(-inf, .) is -inf (the diagonal): written so only for the dependency above
+        # the diagonal entry is -inf; computing it as min(-inf, new_row[0]) makes the column
+        # write depend on the row reads (the row write depends on the column write)
         new_col = new_col.at[i].set(jnp.minimum(_NEG_INF, new_row[0]))
-        tiles = lax.dynamic_update_slice(tiles, new_col.reshape(1, p, 1), (i // b, 0, i % b))
+        tiles = lax.dynamic_update_slice(tiles, new_col.reshape(1, p, 1), col_start(i))
         tiles = lax.dynamic_update_slice(tiles, new_row.reshape(nb, 1, b), (0, i, 0))
 
         # --- cached row maxima (upper bounds; exact where flagged) ---
@@ -352,6 +366,13 @@ def _zip_match(
     _, _, _, _, live, _, rep, _ = lax.fori_loop(0, to_remove, step, state)
 
     cols = jnp.nonzero(live, size=n_out)[0].astype(jnp.int32)  # survivors, ascending
-    unmerge = (rep[:big_o, None] == cols[None, :]).astype(jnp.float32)
-    merge = (unmerge / (unmerge.sum(axis=0, keepdims=True) + 1e-5)).T
+    rep = rep[:big_o]
+    unmerge = (rep[:, None] == cols[None, :]).astype(jnp.float32)
+    # merge = (U / (colsum(U) + 1e-5)).T, built directly in its (n_out, O) layout; colsum is
+    # the cluster size (dropped features, rep = -1, are not counted)
+    # (index p is out of range and dropped; a -1 index would wrap around)
+    size = jnp.zeros(p, jnp.float32).at[jnp.where(rep < 0, p, rep)].add(1.0, mode="drop")
+    size = size[cols]
+    inv = 1.0 / (size + 1e-5)
+    merge = jnp.where(cols[:, None] == rep[None, :], inv[:, None], 0.0)
     return merge, unmerge

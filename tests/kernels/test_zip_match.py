@@ -112,9 +112,10 @@ def test_oracle_reproduces_golden(golden):
 def test_golden_paper_rule(golden):
     """rule="paper": identical to the reference for 2 models; for 3 models it follows the
     origin-blocking oracle, differs from the reference on some alpha = 0 cases and never drops
-    a feature."""
+    a feature. (Widths 8 and 16 only, to save compiles; width 33 is covered by the oracle
+    tests' padding paths through the reference rule.)"""
     differs = 0
-    for c in CASES:
+    for c in (c for c in CASES if c["width"] in (8, 16)):
         k = c["key"]
         ref = (golden[f"{k}/zip_merge"], golden[f"{k}/zip_unmerge"])
         got = _run(golden[f"{k}/correlation"], c, rule="paper")
@@ -127,7 +128,7 @@ def test_golden_paper_rule(golden):
             )
             _assert_same(got, want)
             differs += not np.array_equal(got[1], ref[1])
-    assert differs >= 3  # at least the three dropping cases
+    assert differs >= 2  # at least the dropping cases
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,14 +170,16 @@ def test_asymmetric_input_vs_oracle():
         _assert_same(_run(corr, alpha, beta, 2), zipit_oracle(corr, alpha, beta, 2))
 
 
-def test_large_tile_storage():
-    """The (O/B, O, B) storage with the tile used at large O (B = 64, here one padded tile)."""
+@pytest.mark.parametrize("rule", ["reference", "paper"])
+def test_large_tile_storage(rule):
+    """The (O/B, O, B) storage with the tile used at large O (B = 64: here one padded tile)."""
     rng = np.random.default_rng(11)
     corr = _tied_corr(rng, 48)
     for alpha, beta, budget in [(0.3, 0.125, 1), (0.0, 0.0, 0)]:
         got = _zip_match(jnp.asarray(corr), jnp.float32(alpha), jnp.int32(budget), n_out=16,
-                         num_models=3, rule="reference", tile=64)
-        _assert_same(tuple(np.asarray(x) for x in got), zipit_oracle(corr, alpha, beta, 3))
+                         num_models=3, rule=rule, tile=64)
+        want = zipit_oracle(corr, alpha, beta, 3, rule=rule)
+        _assert_same(tuple(np.asarray(x) for x in got), want)
 
 
 def test_reduction_argument():
@@ -234,18 +237,30 @@ def test_reference_drops_and_paper_does_not(golden):
         np.testing.assert_array_equal(u_pap.sum(1), 1.0)
 
 
+@pytest.mark.parametrize("rule", ["reference", "paper"])
+def test_nothing_allowed(rule):
+    """Every similarity -inf from the start: the reference drops the first remaining feature
+    each step (16 of 24 here, the last 8 survive alone); the paper rule merges the first two."""
+    corr = np.full((24, 24), -np.inf, np.float32)
+    np.fill_diagonal(corr, 1.0)
+    got = _run(corr, 0.3, 0.125, 3, rule)
+    _assert_same(got, zipit_oracle(corr, 0.3, 0.125, 3, rule=rule))
+    _check_invariants(*got, allow_dropped=rule == "reference")
+    if rule == "reference":
+        np.testing.assert_array_equal(got[1][16:], np.eye(8, dtype=np.float32))
+
+
 def test_jit_equals_eager(golden):
+    """Same result compiled (as called, and inside a user's jit) and executed op by op."""
     c = next(c for c in CASES if c["width"] == 8 and c["num_models"] == 2 and c["alpha"] == 0)
     corr = jnp.asarray(golden[f"{c['key']}/correlation"])
-    direct = zip_match(corr, alpha=0.0, beta=0.0, num_models=2)
-    jitted = jax.jit(lambda s: zip_match(s, alpha=0.0, beta=0.0, num_models=2))(corr)
-    _assert_same(tuple(np.asarray(a) for a in jitted), tuple(np.asarray(a) for a in direct))
-    # eager execution of the same loop (a few steps only: eager dispatch is slow)
-    kw = dict(alpha=0.3, beta=0.0, num_models=2, reduction=0.125)
-    compiled = zip_match(corr, **kw)
+    kw = dict(alpha=c["alpha"], beta=c["beta"], num_models=2)
+    direct = zip_match(corr, **kw)
+    jitted = jax.jit(lambda s: zip_match(s, **kw))(corr)
     with jax.disable_jit():
         eager = zip_match(corr, **kw)
-    _assert_same(tuple(np.asarray(a) for a in eager), tuple(np.asarray(a) for a in compiled))
+    for got in (jitted, eager):
+        _assert_same(tuple(np.asarray(a) for a in got), tuple(np.asarray(a) for a in direct))
 
 
 def test_bad_arguments():
