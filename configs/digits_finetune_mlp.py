@@ -29,6 +29,7 @@ def get_config(arg=None):
     c.train.lr = 0.005
     c.finetune.epochs = 10
     c.finetune.lr = 0.02
+    c.finetune.batch_size = 32  # ~200 examples per task: several steps per epoch
     c.merge.methods = METHODS
     if args.quick:
         c.model.hidden = (16, 16)

@@ -19,8 +19,9 @@ def get_config(arg=None):
     c.model.width = args.width
     c.train.epochs = 1  # a weak base, as in digits_finetune_mlp.py
     c.train.lr = 0.005
-    c.finetune.epochs = 6
+    c.finetune.epochs = 10
     c.finetune.lr = 0.01
+    c.finetune.batch_size = 32  # ~200 examples per task: several steps per epoch
     c.merge.methods = tuple(f"{m}+reset" for m in (
         "average", "task_arithmetic", "ties", "dare", "breadcrumbs", "tall_masks", "consensus"))
     if args.quick:
