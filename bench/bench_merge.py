@@ -1,11 +1,12 @@
-"""The whole ZipIt! merge of two ResNet-20 x4 on digits, statistics included, against a plain
-numpy pipeline of the published algorithm (numpy covariance, the naive greedy loop).
+"""The whole ZipIt! merge of two ResNet-20 x4 on digits, statistics included, by stage, against a
+plain numpy pipeline of the published algorithm (ZipIt!'s CovarianceMetric sums in numpy, the
+naive greedy loop).
 
-    python bench/bench_merge.py [--width 4] [--batches 8]
+    python bench/bench_merge.py [--width 4] [--batches 8] [--reps 3]
 
-Both pipelines see the same taps (the Flax models' activations, computed once per batch and
-counted in each); they differ in how statistics and matching are computed. Times are medians of
-`--reps` runs after one warm-up. Prints a markdown table.
+Stages: forward passes that produce the taps (shared by both pipelines), statistics of the 12
+feature spaces, matching, and apply_merge. Times are medians of `--reps` runs after a warm-up.
+Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -24,17 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"
 from zipit_oracle import zipit_oracle  # noqa: E402
 
 from mergejax import data, models, specs  # noqa: E402
+from mergejax.kernels.statistics import FeatureStats  # noqa: E402
 from mergejax.kernels.zip_match import zip_match  # noqa: E402
-from mergejax.statistics import _taps_fn, collect  # noqa: E402
+from mergejax.statistics import _taps_fn  # noqa: E402
 
 
-def numpy_pipeline(model, spec, endpoints, batches):
-    """Reference-style: per batch, numpy float64 sums of features and outer products
-    (ZipIt!'s CovarianceMetric), then the naive greedy loop per space."""
-    fn = _taps_fn(model, tuple(s.tap for s in spec.spaces))
+def numpy_statistics(spec, taps_per_batch):
+    """ZipIt!'s CovarianceMetric in float64 numpy: sums of features and outer products."""
     sums = {}
-    for x in batches:
-        taps = fn(list(endpoints), x)
+    for taps in taps_per_batch:
         for s in spec.spaces:
             f = np.concatenate([np.asarray(t).reshape(-1, s.width) for t in taps[s.tap]], 1)
             f = f.astype(np.float64)
@@ -43,18 +42,18 @@ def numpy_pipeline(model, spec, endpoints, batches):
     out = {}
     for s in spec.spaces:
         n, m, o = sums[s.name]
-        mean = m / n
-        cov = o / n - np.outer(mean, mean)
+        cov = o / n - np.outer(m / n, m / n)
         sd = np.sqrt(np.clip(np.diag(cov), 0, None))
-        corr = cov / np.clip(np.outer(sd, sd), 1e-7, None)
-        out[s.name] = zipit_oracle(corr.astype(np.float32), 0.3, 0.125, 2)
+        out[s.name] = (cov / np.clip(np.outer(sd, sd), 1e-7, None)).astype(np.float32)
     return out
 
 
-def mergejax_pipeline(model, spec, endpoints, batches):
-    stats = collect(model, spec, endpoints, batches)
-    out = {s: zip_match(m.corr, alpha=0.3, beta=0.125, num_models=2) for s, m in stats.items()}
-    return jax.block_until_ready(out)
+def mergejax_statistics(spec, taps_per_batch):
+    states = {s.name: FeatureStats.init(2 * s.width) for s in spec.spaces}
+    for taps in taps_per_batch:
+        for s in spec.spaces:
+            states[s.name] = states[s.name].update(taps[s.tap])
+    return {s.name: states[s.name].finalize(name=s.tap).corr for s in spec.spaces}
 
 
 def _time(fn, reps):
@@ -62,7 +61,7 @@ def _time(fn, reps):
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        fn()
+        jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -78,21 +77,35 @@ def main():
     x = ds.splits["train"][0]
     endpoints = [jax.tree.map(np.asarray, model.init(jax.random.key(s), x[:1])) for s in (0, 1)]
     spec = specs.for_model(model)
-    batches = lambda: (x[i * 128:(i + 1) * 128] for i in range(args.batches))
-    t_ref = _time(lambda: numpy_pipeline(model, spec, endpoints, batches()), args.reps)
-    t_ours = _time(lambda: mergejax_pipeline(model, spec, endpoints, batches()), args.reps)
-    start = time.perf_counter()
-    transforms = mergejax_pipeline(model, spec, endpoints, batches())
-    jax.block_until_ready(specs.apply_merge(spec, endpoints, transforms))
-    t_all = time.perf_counter() - start
+    fn = _taps_fn(model, tuple(s.tap for s in spec.spaces))
+    batches = [x[i * 128:(i + 1) * 128] for i in range(args.batches)]
+    forward = lambda: [fn(endpoints, b) for b in batches]
+    t_forward = _time(forward, args.reps)
+    taps = jax.block_until_ready(forward())
+    t_np_stats = _time(lambda: numpy_statistics(spec, taps), args.reps)
+    t_stats = _time(lambda: mergejax_statistics(spec, taps), args.reps)
+    corrs = mergejax_statistics(spec, taps)
+    t_np_match = _time(lambda: {k: zipit_oracle(np.asarray(c), 0.3, 0.125, 2)
+                                for k, c in corrs.items()}, args.reps)
+    match = lambda: {k: zip_match(c, alpha=0.3, beta=0.125) for k, c in corrs.items()}
+    t_match = _time(match, args.reps)
+    transforms = match()
+    t_apply = _time(lambda: specs.apply_merge(spec, endpoints, transforms), args.reps)
     widths = sorted({s.width for s in spec.spaces})
-    print(f"ResNet-20 x{args.width} on digits, {args.batches} batches of 128, "
-          f"{len(spec.spaces)} spaces (2n in {[2 * w for w in widths]})\n")
-    print("| pipeline | seconds | speed-up |")
-    print("|---|---|---|")
-    print(f"| numpy statistics + naive greedy loop (published algorithm) | {t_ref:.2f} | 1.0x |")
-    print(f"| mergejax statistics + zip_match | {t_ours:.2f} | {t_ref / t_ours:.1f}x |")
-    print(f"| mergejax, + apply_merge (whole merge) | {t_all:.2f} | |")
+    print(f"ResNet-20 x{args.width} on digits, 2 models, {args.batches} batches of 128 images, "
+          f"{len(spec.spaces)} feature spaces (2n in {[2 * w for w in widths]}); median of "
+          f"{args.reps}\n")
+    print("| stage | numpy / published algorithm (s) | mergejax (s) | speed-up |")
+    print("|---|---|---|---|")
+    print(f"| forward passes for the taps (shared) | {t_forward:.3f} | {t_forward:.3f} | |")
+    print(f"| statistics, 12 spaces | {t_np_stats:.3f} | {t_stats:.3f} | "
+          f"{t_np_stats / t_stats:.1f}x |")
+    print(f"| ZipIt! matching, 12 spaces | {t_np_match:.3f} | {t_match:.3f} | "
+          f"{t_np_match / t_match:.1f}x |")
+    print(f"| apply_merge | | {t_apply:.3f} | |")
+    total_np = t_forward + t_np_stats + t_np_match + t_apply
+    total = t_forward + t_stats + t_match + t_apply
+    print(f"| whole merge | {total_np:.3f} | {total:.3f} | {total_np / total:.1f}x |")
 
 
 if __name__ == "__main__":

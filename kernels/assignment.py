@@ -23,6 +23,7 @@ in-graph or calls a host backend through `jax.pure_callback`.
 from __future__ import annotations
 
 import functools
+import threading
 import types
 from collections.abc import Callable, Mapping
 
@@ -207,8 +208,22 @@ def _host_cost(score, maximize: bool) -> np.ndarray:
             f"score of shape {score.shape} contains NaN or inf ({bad} non-finite entries); "
             "the assignment needs finite scores (e.g. np.nan_to_num the correlation first)"
         )
-    cost = -score if maximize else score
-    return np.ascontiguousarray(cost)
+    if not maximize:
+        return np.ascontiguousarray(score)
+    return np.negative(score, out=_negation_buffer(score.shape, score.dtype))
+
+
+_BUFFERS = threading.local()
+
+
+def _negation_buffer(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A reused output array for the negated score: a fresh (n, n) array costs page faults that
+    take longer than the negation itself (24 ms vs ~5 ms at n=4096). One buffer per thread, of
+    the last shape; solvers only read it, and it is rewritten on every call."""
+    buf = getattr(_BUFFERS, "array", None)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = _BUFFERS.array = np.empty(shape, dtype)
+    return buf
 
 
 def solve_assignment(score, maximize: bool = True, *, backend: str = "auto"):
