@@ -85,6 +85,12 @@ class Model:
         return dataclasses.replace(self, module=self.module.clone(bn_momentum=momentum))
 
 
+def batch_norm(train: bool, momentum: float, name: str) -> nn.BatchNorm:
+    """Torch-equivalent BatchNorm (eps 1e-5, stable variance); `momentum` in flax's convention."""
+    return nn.BatchNorm(use_running_average=not train, name=name,
+                        **{**BN_KWARGS, "momentum": momentum})
+
+
 def conv3x3(features: int, stride: int = 1, use_bias: bool = False, name: str | None = None):
     """A 3x3 convolution with torch's explicit padding 1 (flax 'SAME' differs at stride 2)."""
     return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mergejax.models.base import BN_KWARGS, conv3x3
+from mergejax.models.base import BN_KWARGS, batch_norm, conv3x3
 
 
 class BasicBlock(nn.Module):
@@ -28,8 +28,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = lambda name: nn.BatchNorm(use_running_average=not train, name=name,
-                                       **{**BN_KWARGS, "momentum": self.bn_momentum})
+        bn = lambda name: batch_norm(train, self.bn_momentum, name)
         out = nn.relu(bn("bn1")(conv3x3(self.planes, self.stride, name="conv1")(x)))
         self.sow("intermediates", "inner", out)
         out = bn("bn2")(conv3x3(self.planes, name="conv2")(out))
@@ -56,8 +55,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = conv3x3(16 * self.width, name="conv1")(x)
-        x = nn.BatchNorm(use_running_average=not train, name="bn1",
-                         **{**BN_KWARGS, "momentum": self.bn_momentum})(x)
+        x = batch_norm(train, self.bn_momentum, "bn1")(x)
         x = nn.relu(x)
         for stage, planes in enumerate((16, 32, 64), start=1):
             for block in range(self.blocks_per_stage):

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mergejax.models.base import BN_KWARGS, conv3x3
+from mergejax.models.base import BN_KWARGS, batch_norm, conv3x3
 
 EXPANSION = 4
 
@@ -43,8 +43,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = lambda name: nn.BatchNorm(use_running_average=not train, name=name,
-                                       **{**BN_KWARGS, "momentum": self.bn_momentum})
+        bn = lambda name: batch_norm(train, self.bn_momentum, name)
         out = nn.relu(bn("bn1")(conv1x1(self.planes, name="conv1")(x)))
         self.sow("intermediates", "inner1", out)
         out = nn.relu(bn("bn2")(conv3x3(self.planes, self.stride, name="conv2")(out)))
@@ -76,8 +75,7 @@ class ResNet50(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = nn.Conv(self.planes(1), (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
                     use_bias=False, name="conv1")(x)
-        x = nn.BatchNorm(use_running_average=not train, name="bn1",
-                         **{**BN_KWARGS, "momentum": self.bn_momentum})(x)
+        x = batch_norm(train, self.bn_momentum, "bn1")(x)
         x = nn.relu(x)
         # flax pads max pools with -inf, as torch does.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.models.base import BN_KWARGS, conv3x3
+from mergejax.models.base import BN_KWARGS, batch_norm, conv3x3
 from mergejax.models.vgg import CONFIGS
 
 POOL_SIZE = 7  # torchvision's AdaptiveAvgPool2d((7, 7))
@@ -87,8 +87,7 @@ class TorchvisionVGG(nn.Module):
                 raise ValueError(f"VGG width {self.width} leaves conv {k} with no channels")
             x = conv3x3(features, use_bias=True, name=f"features_{conv_index}")(x)
             if bn_index is not None:
-                x = nn.BatchNorm(use_running_average=not train, name=f"features_{bn_index}",
-                                 **{**BN_KWARGS, "momentum": self.bn_momentum})(x)
+                x = batch_norm(train, self.bn_momentum, f"features_{bn_index}")(x)
             x = nn.relu(x)
             if pool:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))

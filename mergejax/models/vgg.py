@@ -13,7 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from mergejax.models.base import BN_KWARGS, conv3x3
+from mergejax.models.base import BN_KWARGS, batch_norm, conv3x3
 
 CONFIGS = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -46,8 +46,7 @@ class VGG(nn.Module):
                 continue
             x = conv3x3(item * self.width, use_bias=True, name=f"conv_{k}")(x)
             if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, name=f"bn_{k}",
-                                 **{**BN_KWARGS, "momentum": self.bn_momentum})(x)
+                x = batch_norm(train, self.bn_momentum, f"bn_{k}")(x)
             self.sow("intermediates", f"pre_act_{k}", x)
             x = nn.relu(x)
             if i + 1 < len(layers) and layers[i + 1] == "M":

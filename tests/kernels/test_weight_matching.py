@@ -21,7 +21,7 @@ def _planted(name, seed):
     return spec, v, pv, perms
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet20"])
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "vgg11"])
 def test_recovers_a_planted_permutation(name):
     spec, v, pv, perms = _planted(name, seed=3)
     found, history = weight_matching(spec, _params(v), _params(pv), seed=0, return_history=True)
