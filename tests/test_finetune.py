@@ -40,3 +40,13 @@ def test_finetune_refuses_matching_only_methods(tmp_path):
         config.merge.methods = ("zipit",)
     with pytest.raises(ValueError, match="weight_space"):
         experiment.run(config, tmp_path)
+
+
+@pytest.mark.slow
+def test_cifar_finetune_quick_under_tfds_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = _config("cifar_finetune_resnet20")
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+        rows = experiment.run(config, tmp_path)
+    assert [r["method"] for r in rows] == ["base", "finetuned", *config.merge.methods]
+    assert all(len(r["per_task_acc"]) == 2 for r in rows)

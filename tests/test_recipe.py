@@ -392,9 +392,9 @@ def no_reads(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a checkpoint was read")
 
-    monkeypatch.setattr(R, "read_model", boom)
+    monkeypatch.setattr(R.checkpoint_io, "read_model", boom)
     monkeypatch.setattr(checkpointing, "load", boom)
-    monkeypatch.setattr(R, "load_flat_safetensors", boom)
+    monkeypatch.setattr(R.checkpoint_io, "load_flat_safetensors", boom)
 
 
 @pytest.mark.parametrize("change,message", [

@@ -1,0 +1,69 @@
+"""The command line: `python -m mergejax.recipe RECIPE.yml --out-dir DIR` (see `parser`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mergejax.recipe import checkpoint_io
+from mergejax.recipe.checkpoint_io import ORBAX_NAME, RECIPE_NAME, SAFETENSORS_NAME
+from mergejax.recipe.output import run
+from mergejax.recipe.resolve import plan
+from mergejax.recipe.schema import DTYPES, METHODS, PARAMETERS, TOP_LEVEL, RecipeError
+from mergejax.recipe.validate import load_recipe
+
+
+def _epilog() -> str:
+    lines = ["supported merge methods, then their parameters=defaults:"]
+    for m in METHODS.values():
+        lines.append(f"  {m.name:17s}{m.doc}")
+        lines.append(f"  {'':17s}" + ", ".join(f"{p}={m.defaults[p]}" if p in m.defaults
+                                               else f"{p} (required)" for p in m.params))
+    lines.append("parameters (scope: model = per model or global default; global = top level):")
+    for p, (scope, _, _, doc) in PARAMETERS.items():
+        lines.append(f"  {p:11s}{scope:7s} {doc}")
+    lines += ["values: scalar | gradient [a, b, ...] over layers | [{filter: substr, value: v}, "
+              "...] (first match wins, '*' = all)",
+              f"top-level keys: {', '.join(TOP_LEVEL)}; dtype/out_dtype: {', '.join(DTYPES)}",
+              "inputs: orbax checkpoint directories or .safetensors files of flat Flax variables "
+              "('params/dense_0/kernel')"]
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m mergejax.recipe", epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Merge Flax checkpoints with a mergekit-style YAML recipe. Writes "
+                    f"DIR/{SAFETENSORS_NAME}, DIR/{ORBAX_NAME}/ and DIR/{RECIPE_NAME}.")
+    p.add_argument("recipe", help="YAML recipe file")
+    p.add_argument("--out-dir", help="output directory (required unless --dry-run)")
+    p.add_argument("--random-seed", type=int, default=0, help="seed of DARE's drops (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, load and print the per-tensor plan; write nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (1 with the message on a bad recipe or input)."""
+    args = parser().parse_args(argv)
+    if not args.dry_run and not args.out_dir:
+        parser().error("--out-dir is required (or pass --dry-run)")
+    try:
+        recipe = load_recipe(args.recipe)
+        if args.dry_run:
+            names = sorted(checkpoint_io.read_model(recipe.members[0].path)[0])
+            for i, g in enumerate(plan(recipe, names)):
+                models = "; ".join(f"{m.ref}: {mp}" for m, mp in zip(recipe.members,
+                                                                     g.model_params) if mp)
+                print(f"group {i}: {g.params} {models}\n  " + "\n  ".join(g.names))
+            return 0
+        print(run(recipe, args.out_dir, seed=args.random_seed, overwrite=args.overwrite,
+                  source=Path(args.recipe).read_text()))
+    except (RecipeError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,175 @@
+"""Merge execution: loads the inputs, plans, and maps each parameter group onto mergejax methods.
+
+Semantics are mergekit's (per-tensor sparsification, `zero_sign="positive"`, weights applied
+before the sign election, normalize = divide by the sum of the agreeing weights), computed by
+mergejax's methods: each group of tensors is one call of `mergejax.methods` (ties, dare,
+breadcrumbs, task_arithmetic, average, slerp) whenever the method can express the group's
+values (one density for all models; for sign-election methods equal positive weights); else
+each task vector is sparsified alone by mergejax's sparsifier (`trim_topk`, `dare_drop`,
+`breadcrumbs_mask`) and combined by mergekit's formula (`_merge_per_model`). Differences from
+mergekit: magnitude trims use mergejax's threshold (every |x| >= the (n - int(n density))-th
+smallest is kept: int(n density) + 1 entries, ties included, not exactly int(n density)); DARE
+draws from JAX keys (`--random-seed`); BatchNorm statistics are merged like any tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mergejax.recipe import checkpoint_io
+from mergejax.recipe.checkpoint_io import Flat, check_same_trees
+from mergejax.recipe.resolve import Group, plan
+from mergejax.recipe.schema import _DIV_EPS, Method
+from mergejax.recipe.validate import Recipe
+from mergejax.specs import flatten, unflatten
+
+
+def _fn(name: str):
+    from mergejax import methods
+
+    return methods.get(name).fn("weight_space")
+
+
+def _divisor(weights: Sequence[float]) -> float:
+    s = float(sum(weights))
+    return 1.0 if abs(s) < _DIV_EPS else s
+
+
+def _merge_group(method: Method, base, members: list, g: Group, key):
+    """One mergejax method call on the group's sub-trees (nested dicts); returns a tree."""
+    p = g.params
+    if method.kind == "slerp":
+        return _fn("slerp")(None, members, t=p["t"])
+    w = [m["weight"] for m in g.model_params]
+    if method.kind == "linear":
+        if p["normalize"]:
+            return _fn("average")(None, members, weights=w)
+        # task arithmetic without a base is lam * sum_t w_t theta_t.
+        return _fn("task_arithmetic")(None, members, lam=1.0, weights=w)
+    lam, norm = p["lambda"], p["normalize"]
+    dens = {m.get("density") for m in g.model_params}
+    gams = {m.get("gamma") for m in g.model_params}
+    uniform = len(dens) == 1 and len(gams) == 1
+    d, gamma, c = next(iter(dens)), next(iter(gams)), w[0]
+    equal_w = len(set(w)) == 1
+    rescale = "l1" if p.get("rescale") else "none"
+    div = _divisor(w) if norm else 1.0
+    if method.name == "task_arithmetic":
+        return _fn("task_arithmetic")(base, members, lam=lam / div, weights=w)
+    if method.name == "breadcrumbs" and uniform:
+        return _fn("breadcrumbs")(base, members, lam=lam / div, density=d, gamma=gamma,
+                                  scope="tensor", weights=w)
+    if method.name == "dare_linear" and uniform and equal_w:
+        return _fn("dare")(base, members, key=key, p=1 - d, lam=lam * c / div, rescale=rescale)
+    if method.consensus and uniform and equal_w and c > 0:
+        # Equal positive weights c: mergekit's weighted election equals TIES' and its divisor
+        # (sum of agreeing weights) is c * count, so normalize is the disjoint mean.
+        ties = dict(disjoint="mean" if norm else "sum", zero_sign="positive",
+                    lam=lam if norm else lam * c)
+        if method.name == "ties":
+            return _fn("ties")(base, members, density=d, scope="tensor", **ties)
+        if method.name == "dare_ties":
+            return _fn("dare")(base, members, key=key, p=1 - d, rescale=rescale, merge="ties",
+                               density=1.0, scope="tensor", **ties)
+        return _fn("breadcrumbs")(base, members, density=d, gamma=gamma, scope="tensor",
+                                  merge="ties", **ties)
+    return _merge_per_model(method, base, members, g, key)
+
+
+def _merge_per_model(method: Method, base, members: list, g: Group, key):
+    """mergekit's generalized task arithmetic where mergejax's methods take one density and no
+    per-model weights: each task vector is sparsified alone with mergejax's sparsifier and its
+    own density, then weighted, sign-elected on the weighted values (mergekit#474) and divided
+    by the sum of the (agreeing) weights if `normalize`."""
+    import jax
+
+    from mergejax.methods import _task_vectors as tv
+    from mergejax.methods.breadcrumbs import breadcrumbs_mask
+    from mergejax.methods.dare import dare_drop
+    from mergejax.methods.ties import trim_topk
+
+    sparse = []
+    for i, (tau, mp) in enumerate(zip(tv.task_vectors(base, members), g.model_params)):
+        if method.sparsify == "magnitude":
+            tau = trim_topk([tau], mp["density"], scope="tensor")[0]
+        elif method.sparsify == "random":
+            # fold_in(key, i) is the key mergejax's dare gives model i: equal densities drop
+            # the same entries on both code paths.
+            tau = dare_drop([tau], p=1 - mp["density"], key=[jax.random.fold_in(key, i)],
+                            rescale="l1" if g.params.get("rescale") else "none")[0]
+        elif method.sparsify == "magnitude_outliers":
+            tau = breadcrumbs_mask([tau], density=mp["density"], gamma=mp["gamma"],
+                                   scope="tensor")[0]
+        sparse.append(flatten(tau))
+    w = [m["weight"] for m in g.model_params]
+    out = {}
+    for name, b in flatten(base).items():
+        b = np.asarray(b)
+        dt = np.dtype(tv.compute_dtype(b.dtype))
+        xs = [np.asarray(s[name], dt) * dt.type(wi) for s, wi in zip(sparse, w)]
+        if method.consensus:
+            total = xs[0]
+            for x in xs[1:]:
+                total = total + x
+            majority = np.where(total >= 0, 1, -1)  # mergekit: a zero sum elects +
+            masks = [np.sign(x) == majority for x in xs]  # zeros never agree
+            mixed = sum(np.where(m, x, dt.type(0)) for m, x in zip(masks, xs))
+            divisor = sum(m * dt.type(wi) for m, wi in zip(masks, w)).astype(dt)
+            divisor[divisor == 0] = 1
+        else:
+            mixed, divisor = sum(xs), dt.type(_divisor(w))
+        if g.params["normalize"]:
+            mixed = mixed / divisor
+        out[name] = (b.astype(dt) + dt.type(g.params["lambda"]) * mixed).astype(b.dtype)
+    return unflatten(out)
+
+
+def _dtype(name: str | None):
+    import jax.numpy as jnp
+
+    # numpy alone has no bfloat16; jnp.dtype returns ml_dtypes' numpy dtype for it.
+    return None if name is None else np.dtype(jnp.dtype(name))
+
+
+def merge(recipe: Recipe, *, seed: int = 0) -> tuple[Flat, dict]:
+    """Loads the inputs, plans and merges; returns (flat merged variables, info).
+
+    `seed` seeds DARE: group i (in `plan` order) uses `fold_in(jax.random.key(seed), i)`.
+    `info` holds the plan summary and the input meta used for the output.
+    """
+    import jax
+
+    entries = ([recipe.base] if recipe.method.kind == "gta" else []) + recipe.members
+    loaded: dict[Path, tuple[Flat, dict]] = {}
+    for e in entries:
+        if e.path not in loaded:
+            loaded[e.path] = checkpoint_io.read_model(e.path)
+    check_same_trees([(e.ref, loaded[e.path][0]) for e in entries])
+    in_dtypes = {k: v.dtype for k, v in loaded[entries[0].path][0].items()}
+
+    def cast(flat: Flat) -> Flat:
+        return {k: v.astype(_dtype(recipe.dtype)) for k, v in flat.items()} if recipe.dtype \
+            else flat
+
+    base = cast(loaded[recipe.base.path][0]) if recipe.method.kind == "gta" else None
+    members = [cast(loaded[m.path][0]) for m in recipe.members]
+    groups = plan(recipe, sorted(in_dtypes))
+    root = jax.random.key(seed)
+    out: Flat = {}
+    for i, g in enumerate(groups):
+        def sub(flat, names=g.names):
+            return unflatten({n: flat[n] for n in names})
+
+        merged = _merge_group(recipe.method, None if base is None else sub(base),
+                              [sub(m) for m in members], g, jax.random.fold_in(root, i))
+        for name, value in flatten(merged).items():
+            value = np.asarray(value)
+            if recipe.dtype:  # results are in the compute dtype (as mergekit), then stored
+                value = value.astype(_dtype(recipe.dtype))
+            out[name] = value.astype(in_dtypes[name] if recipe.out_dtype is None
+                                     else _dtype(recipe.out_dtype))
+    meta = loaded[entries[0].path][1]
+    return out, {"groups": groups, "input_meta": meta, "seed": seed}
