@@ -23,6 +23,7 @@ TINY = {
     "mlp": (dict(num_classes=5, hidden=(16, 12)), (4, 8, 8, 1)),
     "resnet20": (dict(width=1, num_classes=5), (4, 8, 8, 1)),
     "vgg11": (dict(width=1, num_classes=5), (2, 32, 32, 3)),
+    "resnet50": (dict(width=0.125, num_classes=5, stage_sizes=(2, 1, 1, 1)), (2, 32, 32, 3)),
 }
 
 

@@ -93,3 +93,35 @@ def _vgg_spec(model: Model) -> MergeSpec:
 
 register("vgg11")(_vgg_spec)
 register("vgg16")(_vgg_spec)
+
+
+@register("resnet50")
+def resnet50_spec(model: Model) -> MergeSpec:
+    """torchvision ResNet-50: the stem's channels, one space per stage stream (every block's conv3
+    and the stage's downsample produce it), two inner spaces per Bottleneck."""
+    m = model.module
+    b = SpecBuilder()
+    prev = b.space("stem", m.planes(1), "stem")
+    b.conv("conv1", None, prev)
+    b.norm("bn1", prev)
+    for stage, blocks in enumerate(m.stage_sizes, start=1):
+        planes = m.planes(stage)
+        inners = [(b.space(f"layer{stage}_{k}/inner1", planes, f"layer{stage}_{k}/inner1"),
+                   b.space(f"layer{stage}_{k}/inner2", planes, f"layer{stage}_{k}/inner2"))
+                  for k in range(blocks)]
+        stream = b.space(f"stream{stage}", planes * 4, f"stream{stage}")
+        for k, (inner1, inner2) in enumerate(inners):
+            name = f"layer{stage}_{k}"
+            src = prev if k == 0 else stream
+            b.conv(f"{name}/conv1", src, inner1)
+            b.norm(f"{name}/bn1", inner1)
+            b.conv(f"{name}/conv2", inner1, inner2)
+            b.norm(f"{name}/bn2", inner2)
+            b.conv(f"{name}/conv3", inner2, stream)
+            b.norm(f"{name}/bn3", stream)
+            if k == 0:
+                b.conv(f"{name}/downsample_conv", src, stream)
+                b.norm(f"{name}/downsample_bn", stream)
+        prev = stream
+    b.head("fc", prev)
+    return b.build()
