@@ -82,7 +82,13 @@ def task_name(i: int) -> str:
 def evaluate(model: Model, heads: Sequence[Head], images: np.ndarray, labels: np.ndarray,
              tasks: Sequence[Task], batch_size: int = 256) -> dict:
     """Joint / per-task / task-average accuracy of a (multi-head) model on a labelled split."""
+    return evaluate_heads([(model, v, t) for v, t in heads], images, labels, tasks, batch_size)
+
+
+def evaluate_heads(heads: Sequence[tuple[Model, Variables, Task]], images: np.ndarray,
+                   labels: np.ndarray, tasks: Sequence[Task], batch_size: int = 256) -> dict:
+    """As `evaluate`, for heads that are different models (per-task heads of different sizes)."""
     keep = np.isin(labels, union(tasks))
     images, labels = images[keep], labels[keep]
-    probs = [_softmax(logits(model, v, images, batch_size)) for v, _ in heads]
-    return accuracies(probs, [t for _, t in heads], labels, tasks)
+    probs = [_softmax(logits(m, v, images, batch_size)) for m, v, _ in heads]
+    return accuracies(probs, [t for _, _, t in heads], labels, tasks)

@@ -92,7 +92,7 @@ def run(config, workdir: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def _image_batches(images: np.ndarray, batch_size: int, num_batches: int, seed: int):
+def image_batches(images: np.ndarray, batch_size: int, num_batches: int, seed: int):
     """A function returning the same `num_batches` shuffled batches of images each call."""
     def batches():
         rng = np.random.default_rng(seed)
@@ -103,7 +103,8 @@ def _image_batches(images: np.ndarray, batch_size: int, num_batches: int, seed: 
     return batches
 
 
-def _row(method: str, metrics: dict, seconds: float, **extra) -> dict:
+def result_row(method: str, metrics: dict, seconds: float, **extra) -> dict:
+    """One results row: the method's name, its accuracies, seconds and extra fields."""
     return {"method": method, **metrics, "seconds": round(seconds, 3), **extra}
 
 
@@ -139,9 +140,9 @@ def run_multitask(config, workdir: Path) -> list[dict]:
                                   name=f"model_{chr(97 + i)}") for i, task in enumerate(tasks)]
     test_x, test_y = dataset.splits["test"]
     train_x = np.concatenate([data_lib.select(*dataset.splits["train"], t)[0] for t in tasks])
-    stat_batches = _image_batches(train_x, config.data.batch_size, config.data.stat_batches,
+    stat_batches = image_batches(train_x, config.data.batch_size, config.data.stat_batches,
                                   config.seed)
-    repair_batches = _image_batches(train_x, config.data.batch_size, config.merge.repair_batches,
+    repair_batches = image_batches(train_x, config.data.batch_size, config.merge.repair_batches,
                                     config.seed + 1)
 
     def score(heads):
@@ -150,8 +151,8 @@ def run_multitask(config, workdir: Path) -> list[dict]:
 
     rows = []
     for i, (v, t) in enumerate(zip(endpoints, tasks)):
-        rows.append(_row(f"model_{chr(97 + i)}", score([(v, t)]), 0.0))
-    rows.append(_row("ensemble", score(list(zip(endpoints, tasks))), 0.0))
+        rows.append(result_row(f"model_{chr(97 + i)}", score([(v, t)]), 0.0))
+    rows.append(result_row("ensemble", score(list(zip(endpoints, tasks))), 0.0))
     # ---------------------------------------------------------------- merges
     for entry in config.merge.methods:
         name, variants, stop_after = parse_method(entry)
@@ -177,6 +178,6 @@ def run_multitask(config, workdir: Path) -> list[dict]:
             model_io.export(workdir / "export", entry, model, [v for v, _ in heads],
                             config.export.formats, example,
                             meta={"tasks": [list(t) for _, t in heads]})
-        rows.append(_row(entry, score(heads), seconds, **extra))
+        rows.append(result_row(entry, score(heads), seconds, **extra))
         logging.info("%s: %s", entry, rows[-1])
     return rows

@@ -24,11 +24,11 @@ from mergejax import evaluate, methods, repair, train
 from mergejax.endpoints import endpoint_key, get_or_train
 from mergejax.experiment import (
     KINDS,
-    _image_batches,
-    _row,
     check_methods,
+    image_batches,
     model_from_config,
     parse_method,
+    result_row,
     train_settings,
 )
 from mergejax.models import Model, Variables
@@ -102,19 +102,13 @@ def run_finetune(config, workdir: Path) -> list[dict]:
         mean_stats = jax.tree.map(lambda *s: np.mean(s, axis=0),
                                   *[v["batch_stats"] for v in finetuned])
     train_x = np.concatenate([data_lib.select(*dataset.splits["train"], t)[0] for t in tasks])
-    repair_batches = _image_batches(train_x, config.data.batch_size, config.merge.repair_batches,
+    repair_batches = image_batches(train_x, config.data.batch_size, config.merge.repair_batches,
                                     config.seed + 1)
 
     def score(per_task_variables: Sequence[Variables], split: str) -> dict:
-        images, labels = dataset.splits[split]
-        probs, head_tasks = [], []
-        keep = np.isin(labels, classes)
-        images, labels = images[keep], labels[keep]
-        for model, v, task in zip(task_models, per_task_variables, tasks):
-            z = evaluate.logits(model, v, images, config.data.eval_batch_size)
-            probs.append(evaluate._softmax(z))
-            head_tasks.append(task)
-        return evaluate.accuracies(probs, head_tasks, labels, tasks)
+        heads = list(zip(task_models, per_task_variables, tasks))
+        return evaluate.evaluate_heads(heads, *dataset.splits[split], tasks,
+                                       config.data.eval_batch_size)
 
     def with_heads(merged, stats, reset: bool) -> list[Variables]:
         per_task = merged if isinstance(merged, list) else [merged] * len(tasks)
@@ -124,9 +118,9 @@ def run_finetune(config, workdir: Path) -> list[dict]:
                    for m, v in zip(task_models, out)]
         return out
 
-    rows = [_row("base", score(with_heads(base_backbone, base.get("batch_stats"), False), "test"),
-                 0.0),
-            _row("finetuned", score(finetuned, "test"), 0.0)]
+    base_heads = with_heads(base_backbone, base.get("batch_stats"), False)
+    rows = [result_row("base", score(base_heads, "test"), 0.0),
+            result_row("finetuned", score(finetuned, "test"), 0.0)]
     # ---------------------------------------------------------------- merges
     key = jax.random.key(config.seed)
     for entry in config.merge.methods:
@@ -156,7 +150,7 @@ def run_finetune(config, workdir: Path) -> list[dict]:
             hparams, merged, _ = max(candidates, key=lambda c: c[2]["task_avg_acc"])
         final = with_heads(merged, mean_stats, reset)
         seconds = time.perf_counter() - start
-        rows.append(_row(entry, score(final, "test"), seconds, hparams=hparams,
+        rows.append(result_row(entry, score(final, "test"), seconds, hparams=hparams,
                          num_candidates=len(candidates)))
         logging.info("%s: %s", entry, rows[-1])
     return rows
