@@ -5,7 +5,7 @@
 The base is trained for one epoch on all ten digits (standing in for pre-training); each task
 fine-tunes a copy with its own head. Every weight-space method merges the five backbones, with
 its hyperparameters chosen on the validation split. Expected: `finetuned` is the ceiling; TALL
-masks reconstruct near it; TIES and Consensus above task arithmetic. About a minute on 2 cores.
+masks reconstruct near it; TIES and Consensus above task arithmetic. 7.5 s on 2 cores.
 Arguments: `:tasks=N`, `:quick`.
 """
 
