@@ -11,7 +11,7 @@ fine-tuned ceiling; TIES and Consensus above task arithmetic. A GPU run; on the 
 `:width=1` and expect hours. Arguments: `:width=N`, `:tasks=N`, `:quick`.
 """
 
-from mergejax.config_lib import base_config, parse_arg
+from mergejax.config_lib import base_config, parse_arg, shrink_for_mock_data
 
 
 def get_config(arg=None):
@@ -31,15 +31,9 @@ def get_config(arg=None):
         "average", "task_arithmetic", "ties", "dare", "breadcrumbs", "tall_masks", "consensus"))
     c.merge.repair_batches = 20
     if args.quick:
+        shrink_for_mock_data(c)
         c.data.num_tasks = 2
         c.data.classes_per_task = 5
-        c.model.width = 1
-        c.train.epochs = 1
-        c.train.batch_size = 16
-        c.finetune.epochs = 1
-        c.data.batch_size = 16
-        c.data.eval_batch_size = 32
-        c.merge.repair_batches = 1
         c.merge.methods = ("task_arithmetic+reset", "ties+reset", "tall_masks+reset")
         for name in ("task_arithmetic", "ties", "tall_masks"):  # no validation grid: fast
             c.merge[name].search = ()

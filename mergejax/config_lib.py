@@ -87,11 +87,18 @@ def matching_cifar_config(arg: str | None, *, dataset: str, model: str, width: i
                        "zipit+repair", "mudsc+repair")
     c.merge.repair_batches = 20
     if args.quick:
-        c.model.width = min(args.width, 1)
-        c.train.epochs = 1
-        c.train.batch_size = 16
-        c.data.batch_size = 16
-        c.data.eval_batch_size = 32
-        c.data.stat_batches = 1
-        c.merge.repair_batches = 1
+        shrink_for_mock_data(c)
     return c
+
+
+def shrink_for_mock_data(c: ml_collections.ConfigDict) -> None:
+    """Makes a 32x32 config tiny, for `:quick` runs on `tfds.testing.mock_data` in tests:
+    width 1, one epoch, batches of 16, one statistics / repair batch."""
+    c.model.width = 1
+    c.train.epochs = 1
+    c.finetune.epochs = 1
+    c.train.batch_size = 16
+    c.data.batch_size = 16
+    c.data.eval_batch_size = 32
+    c.data.stat_batches = 1
+    c.merge.repair_batches = 1
