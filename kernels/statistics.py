@@ -38,6 +38,17 @@ with a row mask; masked rows have zero weight everywhere, including min/max and 
 check. An explicit ``mask`` (B,) can also be passed, e.g. the one from
 ``kernels.sharding.pad_batch`` on multi-host.
 
+XLA:CPU meshes. With several CPU devices in one process, ``update`` waits for its inputs and its
+result (``block_until_ready``), so at most one sharded update is in flight. Without this, async
+dispatch can deadlock: XLA:CPU runs every device's part of a multi-device program on one client
+thread pool of ``max(cores, devices)`` threads (8 threads for 8 fake devices on 2 cores). The
+launch task for each device first takes a slot of that device's in-flight semaphore (32
+computations). If the host runs ahead by more than 32 computations on a device (streamed updates
+and forward passes), a launch task blocks on the semaphore while holding a pool thread. The
+running all-reduce then gets only 7 of its 8 participant threads, and XLA aborts after 40 s
+("Expected 8 threads to join the rendezvous, but only 7 of them arrived"). On GPU/TPU nothing
+changes.
+
 Accuracy (float32 accumulation). Per batch, the error of M2 relative to the scale of the data is
 about eps*sqrt(rows), and it does *not* grow with |mean|/std. Sequential merging of K batches adds
 about eps*K relative error in the worst case (eps*sqrt(K) typically). ``pairwise=True`` in
@@ -56,7 +67,7 @@ correlation is clipped to [-1, 1] to remove ulp-level overshoot.
 Non-finite activations (NaN or +-inf, or a float32 overflow of the batch sum) are flagged per
 feature inside the jitted update at no extra cost: the flag is ``isfinite`` of the batch sum.
 ``finalize`` then raises a ValueError that names the feature space. There is no host sync per
-update.
+update (except the wait on XLA:CPU meshes above).
 
 Compiled functions: one ``update`` per (input shapes, dtypes, mask given, mesh), one ``merge`` and
 one ``finalize`` per d. ``update`` donates the incoming state, so do not reuse a state after
@@ -157,7 +168,12 @@ class FeatureStats(NamedTuple):
             raise ValueError(f"features have {width} channels in total, state has {self.dim}")
         if mask is not None and tuple(np.shape(mask)) != (xs[0].shape[0],):
             raise ValueError(f"mask must have shape ({xs[0].shape[0]},), got {np.shape(mask)}")
-        return _update(self, xs, mask, mesh=mesh)
+        if not _cpu_collectives(mesh):
+            return _update(self, xs, mask, mesh=mesh)
+        # XLA:CPU with several local devices: keep at most one sharded update in flight (see
+        # the module docstring), so no launch can block on the per-device in-flight limit.
+        xs, mask = jax.block_until_ready((xs, mask))
+        return jax.block_until_ready(_update(self, xs, mask, mesh=mesh))
 
     def merge(self, other: "FeatureStats") -> "FeatureStats":
         """Combine two states of disjoint row sets (Chan et al.). ``self`` is donated.
@@ -274,6 +290,12 @@ def _as_features(features) -> tuple:
             "features must be (B, ..., d_i) arrays with equal leading shapes, got "
             f"{[tuple(x.shape) for x in xs]}")
     return xs
+
+
+def _cpu_collectives(mesh: Mesh | None) -> bool:
+    """True if a sharded update on ``mesh`` runs XLA:CPU collectives over several local devices."""
+    return (mesh is not None and len(mesh.local_devices) > 1
+            and mesh.devices.flat[0].platform == "cpu")
 
 
 def _host(x) -> np.ndarray:

@@ -39,16 +39,16 @@ def collect(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
       endpoints: N variable trees.
       batches: image batches (B, H, W, C); conv features count every spatial position.
       spaces: spaces to collect (default: all spaces with a tap).
-      mesh: a mesh with a `data` axis. Default: all devices when there are several accelerators;
-        on CPU one device, since XLA's CPU collectives over fake host devices can deadlock when
-        they interleave with other computations (seen with 8 fake devices on 2 cores).
+      mesh: a mesh with a `data` axis. Default: all devices when there are several (CPU
+        included: on a CPU mesh the kernel keeps one sharded update in flight, which avoids an
+        XLA:CPU thread-pool deadlock; see `mergejax.kernels.statistics`).
 
     Raises:
       ValueError naming the tap when an activation is NaN or infinite.
     """
     wanted = [spec.space(s) for s in (spaces if spaces is not None else spec.space_names)]
     wanted = [s for s in wanted if s.tap is not None]
-    if mesh is None and jax.device_count() > 1 and jax.default_backend() != "cpu":
+    if mesh is None and jax.device_count() > 1:
         mesh = data_mesh()
     n_models = len(endpoints)
     fn = _taps_fn(model, tuple(sorted({s.tap for s in wanted})))
