@@ -13,8 +13,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from mergejax import checkpointing, train
 from mergejax.data import Dataset, Task, select
 from mergejax.models import Model, Variables
@@ -52,11 +50,5 @@ def get_or_train(workdir: str | Path, dataset: Dataset, task: Task, model: Model
             "key": key, "parent": parent,
             "final_loss": losses[-1] if losses else None}
     checkpointing.save(path, variables, meta)
-    return jax_to_numpy(variables)
+    return variables  # train() returns numpy leaves
 
-
-def jax_to_numpy(variables: Variables) -> Variables:
-    """The tree with numpy leaves."""
-    import jax
-
-    return jax.tree.map(np.asarray, variables)

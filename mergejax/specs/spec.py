@@ -14,7 +14,7 @@ layer past the cut): they stay per model, with unmerge matrices folded into thei
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -177,8 +177,3 @@ class SpecBuilder:
         """The finished spec."""
         return MergeSpec(tuple(self._spaces.values()), dict(self._leaves))
 
-
-def spaces_in(spec: MergeSpec, names: Iterable[str]) -> list[Space]:
-    """The Space objects of `names`, in spec order."""
-    wanted = set(names)
-    return [s for s in spec.spaces if s.name in wanted]
