@@ -1,4 +1,4 @@
-"""Digits 5+5 with a two-hidden-layer MLP: the fastest full run (9 s on a 2-core CPU).
+"""Digits 5+5 with a two-hidden-layer MLP: the fastest full run (6 s on a 2-core CPU).
 
     python launch.py --config=configs/digits_mlp.py --workdir=/tmp/mergejax_mlp
 

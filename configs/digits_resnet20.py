@@ -3,7 +3,7 @@
     python launch.py --config=configs/digits_resnet20.py --workdir=/tmp/mergejax
 
 Trains one ResNet-20 (width 2) per task, then merges them with every matching method: about
-52 s from scratch on a 2-core CPU (a second run reuses the endpoints). Expected: endpoints 99%
+47 s from scratch on a 2-core CPU (a second run reuses the endpoints). Expected: endpoints 99%
 on their own task's test digits, ensemble 91.7% joint; zipit+repair 67.8, permute+repair 34.6,
 average+repair 20.4, zipit@stream1+repair 82.5 (README has the full table).
 Arguments: `:width=N`, `:quick` (tiny run for tests).

@@ -154,15 +154,14 @@ def run_multitask(config, workdir: Path) -> list[dict]:
         rows.append(result_row(f"model_{chr(97 + i)}", score([(v, t)]), 0.0))
     rows.append(result_row("ensemble", score(list(zip(endpoints, tasks))), 0.0))
     # ---------------------------------------------------------------- merges
+    stats_cache: dict = {}  # statistics are collected once, by the first method needing them
     for entry in config.merge.methods:
         name, variants, stop_after = parse_method(entry)
         method = methods.get(name)
         hparams = {**method.hparams, **dict(config.merge.get(name, {}))}
         hparams.pop("search", None)  # validation search is for finetune runs
-        stop_after = stop_after or hparams.pop("stop_after", None) or None
-        hparams.pop("stop_after", None)
         problem = MatchingProblem(model, spec, endpoints, spec.prefix(stop_after), stat_batches,
-                                  key=jax.random.key(config.seed))
+                                  key=jax.random.key(config.seed), stats_cache=stats_cache)
         start = time.perf_counter()
         transforms = method.fn("matching")(problem, **hparams)
         merged = specs.apply_merge(spec, endpoints, transforms,

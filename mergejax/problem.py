@@ -23,6 +23,8 @@ class MatchingProblem:
       spaces: the spaces to merge, in depth order (all of them, or a prefix for partial zips).
       image_batches: returns a fresh iterable of image batches (B, H, W, C) for statistics.
       key: PRNG key for methods that draw random numbers.
+      stats_cache: per-space statistics already collected for these endpoints and batches; a
+        run passes one dict to the problems of all its methods, so they are collected once.
     """
 
     model: Model
@@ -31,17 +33,20 @@ class MatchingProblem:
     spaces: Sequence[str]
     image_batches: Callable[[], Iterable[np.ndarray]]
     key: jax.Array = dataclasses.field(default_factory=lambda: jax.random.key(0))
-    _stats: dict = dataclasses.field(default_factory=dict, repr=False)
+    stats_cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def num_models(self) -> int:
         return len(self.endpoints)
 
     def statistics(self):
-        """Per merged space, the statistics of the N models' concatenated features (cached)."""
-        if "all" not in self._stats:
+        """Per merged space with a tap, the statistics of the N models' concatenated features
+        (collected only for spaces not yet in `stats_cache`)."""
+        observed = [s for s in self.spaces if self.spec.space(s).tap is not None]
+        missing = [s for s in observed if s not in self.stats_cache]
+        if missing:
             from mergejax.statistics import collect
 
-            self._stats["all"] = collect(self.model, self.spec, self.endpoints,
-                                         self.image_batches(), spaces=self.spaces)
-        return self._stats["all"]
+            self.stats_cache.update(collect(self.model, self.spec, self.endpoints,
+                                            self.image_batches(), spaces=missing))
+        return {s: self.stats_cache[s] for s in observed}

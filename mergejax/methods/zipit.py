@@ -3,7 +3,7 @@
 Per feature space, the greedy matcher merges the most correlated pair of features of the N
 models' concatenated activations (same-model pairs allowed up to a budget set by `beta`),
 until n features remain; `alpha` damps the similarity of merged features. Partial zipping is
-the `stop_after` hyperparameter (a space name, handled by the run): later layers stay per model.
+a method entry `zipit@space` (handled by the run): layers past `space` stay per model.
 """
 
 from __future__ import annotations

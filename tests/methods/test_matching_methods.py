@@ -103,3 +103,20 @@ def test_partial_zip_gives_per_model_tails():
     np.testing.assert_array_equal(a["params"]["conv1"]["kernel"], b["params"]["conv1"]["kernel"])
     assert not np.allclose(a["params"]["layer3_0"]["conv1"]["kernel"],
                            b["params"]["layer3_0"]["conv1"]["kernel"])
+
+
+def test_problems_sharing_a_cache_collect_statistics_once():
+    model, va, x = _plain("mlp", seed=4)
+    _, vb, _ = _plain("mlp", seed=1)
+    spec = specs.for_model(model)
+    calls = []
+    batches = lambda: calls.append(1) or iter([x])
+    cache = {}
+    partial = MatchingProblem(model, spec, [va, vb], spec.prefix("hidden0"), batches,
+                              stats_cache=cache)
+    assert set(partial.statistics()) == {"hidden0"}
+    full = MatchingProblem(model, spec, [va, vb], spec.space_names, batches, stats_cache=cache)
+    stats = full.statistics()
+    assert set(stats) == {"hidden0", "hidden1"} and len(calls) == 2  # only hidden1 was new
+    again = MatchingProblem(model, spec, [va, vb], spec.space_names, batches, stats_cache=cache)
+    assert again.statistics()["hidden1"] is stats["hidden1"] and len(calls) == 2
