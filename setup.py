@@ -39,7 +39,7 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-benchmark", "ruff", "wheel", "torch==2.13.0"],
 }
 
-SUBPACKAGES = ["models", "specs", "methods", "data", "recipe"]
+SUBPACKAGES = ["io", "models", "specs", "methods", "data", "recipe"]
 
 setup(
     name="mergejax",

@@ -27,7 +27,7 @@ from zipit_oracle import zipit_oracle  # noqa: E402
 from mergejax import data, models, specs  # noqa: E402
 from mergejax.kernels.statistics import FeatureStats  # noqa: E402
 from mergejax.kernels.zip_match import zip_match  # noqa: E402
-from mergejax.statistics import _taps_fn  # noqa: E402
+from mergejax.statistics import taps_fn  # noqa: E402
 
 
 def numpy_statistics(spec, taps_per_batch):
@@ -77,7 +77,7 @@ def main():
     x = ds.splits["train"][0]
     endpoints = [jax.tree.map(np.asarray, model.init(jax.random.key(s), x[:1])) for s in (0, 1)]
     spec = specs.for_model(model)
-    fn = _taps_fn(model, tuple(s.tap for s in spec.spaces))
+    fn = taps_fn(model, tuple(s.tap for s in spec.spaces))
     batches = [x[i * 128:(i + 1) * 128] for i in range(args.batches)]
     forward = lambda: [fn(endpoints, b) for b in batches]
     t_forward = _time(forward, args.reps)

@@ -36,5 +36,5 @@ def get_config(arg=None):
         c.data.classes_per_task = 5
         c.merge.methods = ("task_arithmetic+reset", "ties+reset", "tall_masks+reset")
         for name in ("task_arithmetic", "ties", "tall_masks"):  # no validation grid: fast
-            c.merge[name].search = ()
+            c.merge_search[name] = ()
     return c

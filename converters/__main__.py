@@ -5,6 +5,14 @@
 
 `to-flax` records the architecture, model kwargs and input shape in the checkpoint's meta, so
 `to-torch` needs no flags for a checkpoint it wrote (flags given override the meta).
+
+Nothing is deleted that was not asked for: an existing non-empty output is refused unless
+`--overwrite`, an output that is, contains or lies inside the input always; outputs are written
+under a temporary name and renamed (leftovers of killed runs are removed at the next start).
+Weights must be floating point and finite (`--allow-nonfinite` lets NaN/inf through). Errors are
+one line on stderr: exit 2 for usage errors (bad arguments, refused output), 1 for failures
+(unreadable or broken checkpoint, conversion error); `--debug` or MERGEJAX_DEBUG=1 adds the
+traceback.
 """
 
 from __future__ import annotations
@@ -12,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from mergejax import checkpointing
 from mergejax.converters import (
     architectures,
     from_torch,
@@ -21,6 +29,11 @@ from mergejax.converters import (
     save_state_dict,
     to_torch,
 )
+from mergejax.io import checkpoint
+from mergejax.io.atomic import check_output_path, remove_stale_temporaries
+from mergejax.io.cli_errors import ArgumentParser, UsageError, run_cli
+
+PROG = "python -m mergejax.converters"
 
 
 def _tuples(value):
@@ -70,62 +83,90 @@ def _kwargs(args) -> dict:
     return kwargs
 
 
+def _prepare_output(args) -> Path:
+    """Removes stale temporaries beside the output, then refuses an output that would replace
+    something not asked for (see the module docstring). Returns the absolute output path."""
+    out = Path(args.output).absolute()
+    remove_stale_temporaries(out.parent)
+    return check_output_path(out, inputs=[args.input], overwrite=args.overwrite)
+
+
 def cmd_to_flax(args) -> None:
     """IN (torch file) -> OUT_DIR (orbax checkpoint with meta arch / model_kwargs / input_shape)."""
-    sd = load_state_dict(args.input)
+    out = _prepare_output(args)
+    sd = load_state_dict(args.input, allow_nonfinite=args.allow_nonfinite)
     kwargs = _kwargs(args)
-    variables = from_torch(sd, args.arch, input_shape=args.input_shape, **kwargs)
+    variables = from_torch(sd, args.arch, input_shape=args.input_shape,
+                           allow_nonfinite=args.allow_nonfinite, **kwargs)
     steps = [int(v) for k, v in sd.items() if k.endswith("num_batches_tracked")]
     meta = {"arch": args.arch, "model_kwargs": kwargs, "input_shape": args.input_shape,
             "num_batches_tracked": max(steps, default=0), "source": str(args.input)}
-    checkpointing.save(args.output, variables, meta)
+    checkpoint.save(out, variables, meta)  # atomic; the output was checked above
     print(f"wrote {args.output} ({args.arch}, {kwargs})")
 
 
 def cmd_to_torch(args) -> None:
     """IN_DIR (orbax checkpoint) -> OUT (.pt / .pth / .bin / .safetensors)."""
-    meta = checkpointing.load_meta(args.input) if checkpointing.exists(args.input) else {}
+    out = _prepare_output(args)
+    if not checkpoint.exists(args.input):
+        raise FileNotFoundError(f"no complete checkpoint at {Path(args.input).absolute()} "
+                                f"(expected {checkpoint.STATE}/ and {checkpoint.META})")
+    meta = checkpoint.load_meta(args.input)
     arch = args.arch or meta.get("arch")
     if arch is None:
-        raise ValueError(f"{args.input}: no 'arch' in the checkpoint's meta; pass --arch")
+        raise UsageError(f"{args.input}: no 'arch' in the checkpoint's meta; pass --arch")
     kwargs = {**_tuples(meta.get("model_kwargs", {})), **_kwargs(args)}
     input_shape = args.input_shape or meta.get("input_shape")
-    variables = checkpointing.load(args.input)
+    variables = checkpoint.load(args.input, allow_nonfinite=args.allow_nonfinite)
     sd = to_torch(variables, arch, input_shape=input_shape,
                   num_batches_tracked=meta.get("num_batches_tracked", 0), **kwargs)
-    save_state_dict(sd, args.output, {"arch": arch, "model_kwargs": json.dumps(kwargs)})
+    save_state_dict(sd, out, {"arch": arch, "model_kwargs": json.dumps(kwargs)})
     print(f"wrote {args.output} ({arch}, {kwargs})")
+
+
+def _io_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (refused otherwise; never the input itself)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="accept NaN/inf weights (refused otherwise, naming the tensor)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
 
 
 def parser() -> argparse.ArgumentParser:
     """The CLI's argument parser (subcommands `to-flax`, `to-torch`)."""
-    p = argparse.ArgumentParser(
-        prog="python -m mergejax.converters",
+    p = ArgumentParser(
+        prog=PROG,
         description="Convert PyTorch state_dicts (.pt/.pth/.bin/.safetensors) to mergejax orbax "
-                    "checkpoints and back. Architectures: " + ", ".join(architectures()) + ".")
-    sub = p.add_subparsers(dest="command", required=True)
+                    "checkpoints and back. Architectures: " + ", ".join(architectures()) + ".",
+        epilog="exit status: 0 done, 1 failure (unreadable or broken checkpoint, conversion "
+               "error), 2 usage error (bad arguments, refused output); --debug or "
+               "MERGEJAX_DEBUG=1 prints the traceback")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     a = sub.add_parser("to-flax", help="torch file -> orbax checkpoint directory")
     _model_flags(a, arch_required=True)
     a.add_argument("input", help="state_dict file (.pt, .pth, .bin, .safetensors)")
     a.add_argument("output", help="checkpoint directory to write")
+    _io_flags(a)
     a.set_defaults(run=cmd_to_flax)
     b = sub.add_parser("to-torch", help="orbax checkpoint directory -> torch file")
     _model_flags(b, arch_required=False)
     b.add_argument("input", help="checkpoint directory (from to-flax or training)")
     b.add_argument("output", help="file to write (.pt, .pth, .bin, .safetensors)")
+    _io_flags(b)
     b.set_defaults(run=cmd_to_torch)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (1 with a one-paragraph message on bad input)."""
+def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    args.run(args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status: 0, 1 (failure) or 2 (usage error), with one
+    message on stderr (`mergejax.io.cli_errors.run_cli`)."""
+    return run_cli(_main, argv, prog=PROG)
 
 
 if __name__ == "__main__":

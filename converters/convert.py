@@ -17,6 +17,7 @@ from mergejax import models
 from mergejax.converters import layout
 from mergejax.converters.layout import Buffer, Leaf
 from mergejax.converters.state_dict import normalize, to_numpy
+from mergejax.io.check import check_tensors
 
 
 class ConversionError(ValueError):
@@ -59,16 +60,18 @@ def _describe(arch: str, model_kwargs: dict, input_shape) -> str:
 
 
 def from_torch(state_dict: Mapping, arch: str, *, input_shape: Sequence[int] | None = None,
-               **model_kwargs) -> dict:
+               allow_nonfinite: bool = False, **model_kwargs) -> dict:
     """Flax variables `{'params': ..., 'batch_stats': ...}` (numpy float32) from a torch state_dict.
 
     Args:
       state_dict: `{torch key: tensor}` (torch tensors or numpy arrays; conv weights (O, I, kh, kw),
         linear weights (out, in)); a checkpoint dict wrapping one under `state_dict` / `model` /
         `net` and DataParallel `module.` prefixes are accepted. `num_batches_tracked` is ignored.
+        Every other tensor must be floating point and finite (`mergejax.io.check`).
       arch: the model's name in `mergejax.models.create` (see `layout.names()`).
       input_shape: one example (H, W, C); only needed where it changes parameter shapes or
         flatten order (the MLP's first layer; defaults per architecture).
+      allow_nonfinite: accept NaN/inf values (refused by default, naming the key).
       **model_kwargs: the model's arguments (`width`, `num_classes`, ...).
 
     Returns variables such that `create(arch, **model_kwargs).apply(variables, x_nhwc)` equals
@@ -79,7 +82,7 @@ def from_torch(state_dict: Mapping, arch: str, *, input_shape: Sequence[int] | N
     """
     parts, template = _plan(arch, input_shape, model_kwargs)
     what = _describe(arch, model_kwargs, input_shape)
-    sd = normalize(state_dict)
+    sd = check_tensors(normalize(state_dict), "state_dict", allow_nonfinite=allow_nonfinite)
     leaves = [p for p in parts if isinstance(p, Leaf)]
     known = {p.torch_key for p in parts}
     missing = [leaf.torch_key for leaf in leaves if leaf.torch_key not in sd]

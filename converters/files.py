@@ -1,8 +1,10 @@
 """Reading and writing state_dict files: `.safetensors` (no torch needed) and `.pt/.pth/.bin`.
 
 Torch pickles are read with `weights_only=True` only: a pickle that holds anything but tensors
-and plain containers is refused, never executed. Files are written under a temporary name and
-renamed when complete, so a failed write leaves nothing behind (and an old file intact).
+and plain containers is refused, never executed. safetensors go through
+`mergejax.io.safetensors_io` (bf16 upcast to float32 exactly). Files are written under a
+temporary name and renamed when complete (`mergejax.io.atomic`), so a failed write leaves
+nothing behind (and an old file intact).
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import uuid
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from mergejax.converters.state_dict import is_tensor, normalize, to_numpy
+from mergejax.io.atomic import atomic_file
+from mergejax.io.check import check_tensors
+from mergejax.io.safetensors_io import read_safetensors, write_safetensors
 
 SAFETENSORS = (".safetensors",)
 TORCH = (".pt", ".pth", ".bin")
@@ -50,78 +55,41 @@ def _read_torch(path: Path):
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
-def _bf16_to_f32(data: bytes) -> np.ndarray:
-    """bf16 is the top half of a float32: shift the bits up, exact."""
-    return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
-
-
-_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
-              "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
-
-
-def _read_safetensors_raw(path: Path) -> dict[str, np.ndarray]:
-    """Fallback for dtypes `safetensors.numpy` cannot represent (bf16): decode the raw buffers."""
-    import safetensors
-
-    out = {}
-    for name, view in safetensors.deserialize(path.read_bytes()):
-        if view["dtype"] == "BF16":
-            array = _bf16_to_f32(view["data"])
-        elif view["dtype"] in _ST_DTYPES:
-            array = np.frombuffer(view["data"], _ST_DTYPES[view["dtype"]])
-        else:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {view['dtype']}")
-        out[name] = array.reshape(view["shape"])
-    return out
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    import safetensors.numpy
-
-    try:
-        try:
-            return safetensors.numpy.load_file(path)
-        except TypeError as e:  # "data type 'bfloat16' not understood"
-            if "bfloat16" not in str(e):
-                raise
-            return _read_safetensors_raw(path)
-    except Exception as e:  # SafetensorError: header or data cut short, not safetensors at all
-        raise ValueError(f"cannot read {path}: truncated or corrupt safetensors file "
-                         f"({type(e).__name__}: {e})") from e
-
-
 _READERS: dict[str, Callable[[Path], object]] = {
-    **{s: _read_safetensors for s in SAFETENSORS}, **{s: _read_torch for s in TORCH}}
+    **{s: partial(read_safetensors, upcast_bf16=True) for s in SAFETENSORS},
+    **{s: _read_torch for s in TORCH}}
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_state_dict(path: str | os.PathLike, *, allow_nonfinite: bool = False
+                    ) -> dict[str, np.ndarray]:
     """`{torch key: array}` from a `.safetensors` or `.pt/.pth/.bin` file.
 
     Checkpoint dicts wrapping the weights (`state_dict`, `model`, `net`) are unwrapped, `module.`
-    prefixes stripped, bf16 upcast to float32. Raises ValueError naming the file if it is
-    truncated or corrupt, or a pickle holding more than tensors and plain containers.
+    prefixes stripped, float16/bf16 upcast to float32 (exactly). Raises ValueError naming the
+    file if it is truncated or corrupt, or a pickle holding more than tensors and plain
+    containers; and, naming the file and the key (`mergejax.io.check.check_tensors`), for a
+    tensor that is not floating point (integer buffers `num_batches_tracked` excepted, kept as
+    they are) or holds NaN/inf values (unless `allow_nonfinite`).
     """
     path = Path(path)
     if path.suffix.lower() not in _READERS:
         raise ValueError(f"{path}: unknown checkpoint suffix; expected one of {sorted(_READERS)}")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    return normalize(_READERS[path.suffix.lower()](path), source=str(path))
+    sd = normalize(_READERS[path.suffix.lower()](path), source=str(path))
+    return check_tensors(sd, str(path), allow_nonfinite=allow_nonfinite)
 
 
 def _write_safetensors(sd: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
-    import safetensors.numpy
-
-    # order="C", not np.ascontiguousarray: that one turns 0-d arrays (num_batches_tracked) 1-d.
-    safetensors.numpy.save_file({k: np.asarray(v, order="C") for k, v in sd.items()}, str(path),
-                                metadata={"format": "pt", **metadata})
+    write_safetensors(path, sd, fmt="pt", metadata=metadata)
 
 
 def _write_torch(sd: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
     import torch
 
     del metadata  # a torch pickle has no metadata slot; keep the file a pure state_dict
-    torch.save({k: torch.tensor(v) for k, v in sd.items()}, path)
+    with atomic_file(path) as tmp:
+        torch.save({k: torch.tensor(v) for k, v in sd.items()}, tmp)
 
 
 _WRITERS = {**{s: _write_safetensors for s in SAFETENSORS}, **{s: _write_torch for s in TORCH}}
@@ -143,11 +111,5 @@ def save_state_dict(state_dict: Mapping, path: str | os.PathLike,
     if bad:
         raise ValueError(f"cannot save {path}: entries that are not tensors: {bad}")
     arrays = {str(k): to_numpy(v) for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        writer(arrays, tmp, {str(k): str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    writer(arrays, path, {str(k): str(v) for k, v in (metadata or {}).items()})
     return path

@@ -179,11 +179,13 @@ def _get_backend(backend: str, n: int) -> HostBackend:
 
 def _check_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     if len(shape) != 2:
-        raise ValueError(f"score must be a 2-D (n, m) matrix, got shape {tuple(shape)}")
+        raise ValueError(f"solve_assignment: score must be a 2-D (n, m) matrix, got shape "
+                         f"{tuple(shape)}")
     n, m = shape
     if n > m:
         raise ValueError(
-            f"score of shape {tuple(shape)} has more rows than columns; rows must be <= columns "
+            f"solve_assignment: score of shape {tuple(shape)} has more rows than columns; rows "
+            "must be <= columns "
             "(every row gets a column): pass score.T and invert the result"
         )
     return n, m
@@ -196,7 +198,7 @@ def _host_cost(score, maximize: bool) -> np.ndarray:
     # jnp.issubdtype also knows the ml_dtypes floats (bfloat16, ...), which numpy files as void.
     real = jnp.issubdtype(score.dtype, jnp.integer) or jnp.issubdtype(score.dtype, jnp.floating)
     if not (real or score.dtype == np.bool_):
-        raise ValueError(f"score must be real-valued, got dtype {score.dtype}")
+        raise ValueError(f"solve_assignment: score must be real-valued, got dtype {score.dtype}")
     # float32/float64 are solved as given (negation is exact in both). Integers, bool, float16
     # and bfloat16 go to float64, which every solver handles natively and exactly (ints < 2^53).
     if score.dtype not in (np.float32, np.float64):
@@ -204,9 +206,12 @@ def _host_cost(score, maximize: bool) -> np.ndarray:
     finite = np.isfinite(score)
     if not finite.all():
         bad = int(score.size - np.count_nonzero(finite))
+        first = [int(i) for i in np.unravel_index(int(np.argmin(finite.reshape(-1))),
+                                                  score.shape)]
         raise ValueError(
-            f"score of shape {score.shape} contains NaN or inf ({bad} non-finite entries); "
-            "the assignment needs finite scores (e.g. np.nan_to_num the correlation first)"
+            f"solve_assignment: score of shape {score.shape} contains NaN or inf ({bad} "
+            f"non-finite entries, first at {first}); the assignment needs finite scores "
+            "(e.g. np.nan_to_num the correlation first)"
         )
     if not maximize:
         return np.ascontiguousarray(score)

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .assignment import solve_assignment
+from .checks import check_dtype, check_finite_array, check_number, is_traced
+from .transforms import merge_from_unmerge
 from .zip_match import zip_match
 
 __all__ = [
@@ -202,8 +204,7 @@ def combine_similarity(s_weight, s_act, fix_rate: float) -> np.ndarray:
     Returns:
       (N*n, N*n) float32 numpy.
     """
-    if not 0.0 <= fix_rate <= 1.0:
-        raise ValueError(f"fix_rate must be in [0, 1], got {fix_rate}")
+    check_number("combine_similarity", "fix_rate", fix_rate, lo=0.0, hi=1.0)
     if s_weight is None and s_act is None:
         raise ValueError("need a weight or an activation similarity")
     if s_act is None or fix_rate == 1.0:
@@ -242,15 +243,26 @@ def matched_similarity(corr, unmerge) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_groups(shape, groups: int, num_models: int) -> tuple[int, int]:
-    """(n, Og) for a (N*n, N*n) similarity with `groups` groups per model."""
-    if not isinstance(num_models, int | np.integer) or num_models < 1:
-        raise ValueError(f"num_models must be a positive int, got {num_models!r}")
-    if len(shape) != 2 or shape[0] != shape[1] or shape[0] % num_models:
-        raise ValueError(f"corr must be square (N*n, N*n) with N = {num_models}; got {shape}")
+def _check_groups(fn: str, corr, groups: int, num_models: int, *,
+                  integer_ok: bool) -> tuple[int, int]:
+    """(n, Og) for a (N*n, N*n) similarity with `groups` groups per model; checks dtype and
+    values too (ValueError naming `fn` and the argument)."""
+    shape = tuple(np.shape(corr))
+    if (isinstance(num_models, bool) or not isinstance(num_models, int | np.integer)
+            or num_models < 1):
+        raise ValueError(f"{fn}: num_models must be a positive int, got {num_models!r}")
+    if len(shape) != 2 or shape[0] != shape[1] or shape[0] % num_models or not shape[0]:
+        raise ValueError(f"{fn}: corr must be square (N*n, N*n) with N = {num_models} and "
+                         f"n >= 1; got {shape}")
     n = shape[0] // num_models
-    if not isinstance(groups, int | np.integer) or groups < 1 or n % groups:
-        raise ValueError(f"groups={groups!r} must be a positive divisor of the width {n}")
+    if (isinstance(groups, bool) or not isinstance(groups, int | np.integer) or groups < 1
+            or n % groups):
+        raise ValueError(f"{fn}: groups={groups!r} must be a positive divisor of the width {n}")
+    check_dtype(fn, "corr", corr, integer_ok=integer_ok)
+    if is_traced(corr):
+        raise ValueError(f"{fn}: corr must be a concrete array (numpy or jax), not traced "
+                         "(this matcher runs on the host)")
+    check_finite_array(fn, "corr", corr)
     return n, n // groups
 
 
@@ -281,11 +293,6 @@ def _pair_groups(block: np.ndarray, groups: int, backend: str):
     return group_col, col
 
 
-def _merge_from(unmerge):
-    """ZipIt's merge (U / (colsum(U) + 1e-5))^T, in U's dtype."""
-    return (unmerge / (unmerge.sum(axis=0, keepdims=True) + 1e-5)).T
-
-
 def group_permute_match(corr, *, groups: int, num_models: int = 2, backend: str = "scipy"):
     """MuDSC's `group_permute_weight`: permute every model onto model 0, groups as wholes.
 
@@ -306,8 +313,7 @@ def group_permute_match(corr, *, groups: int, num_models: int = 2, backend: str 
       numpy input, jax for jax input. U_0 = I; U_i[col_i[r], r] = 1 with col_i[j*Og:(j+1)*Og]
       inside one group of model i.
     """
-    shape = tuple(np.shape(corr))
-    n, _ = _check_groups(shape, groups, num_models)
+    n, _ = _check_groups("group_permute_match", corr, groups, num_models, integer_ok=True)
     xp = jnp if isinstance(corr, jax.Array) else np
     host = np.asarray(corr)
     dtype = host.dtype if np.issubdtype(host.dtype, np.floating) else np.float32
@@ -317,7 +323,7 @@ def group_permute_match(corr, *, groups: int, num_models: int = 2, backend: str 
         _, col = _pair_groups(host[:n, i * n:(i + 1) * n], int(groups), backend)
         blocks.append(eye[col].T)  # 1 at (col[r], r): model i's feature col[r] -> merged r
     unmerge = xp.asarray(np.concatenate(blocks, axis=0))
-    return _merge_from(unmerge), unmerge
+    return merge_from_unmerge(unmerge), unmerge
 
 
 def group_zip_match(corr, *, groups: int, alpha: float = 0.5, beta: float = 1.0,
@@ -332,7 +338,8 @@ def group_zip_match(corr, *, groups: int, alpha: float = 0.5, beta: float = 1.0,
     `zip_match` exactly.
 
     Args:
-      corr: (N*n, N*n) similarity (finite, no NaN). numpy or jax (not traced).
+      corr: (N*n, N*n) similarity, floating dtype, all finite (ValueError naming the count and
+        first position otherwise). numpy or jax (not traced).
       groups: g, a divisor of n.
       alpha, beta, rule: as `zip_match`; the same-model budget is per set (MuDSC keeps one
         budget per model plus one per group; with beta = 1 the group budget, which equals the
@@ -344,8 +351,14 @@ def group_zip_match(corr, *, groups: int, alpha: float = 0.5, beta: float = 1.0,
       merge (g*Og_out, N*n) float32, unmerge (N*n, g*Og_out) float32 0/1 (numpy for numpy
       input, jax for jax input).
     """
-    shape = tuple(np.shape(corr))
-    n, og = _check_groups(shape, groups, num_models)
+    fn = "group_zip_match"
+    n, og = _check_groups(fn, corr, groups, num_models, integer_ok=False)
+    check_number(fn, "alpha", alpha)
+    check_number(fn, "beta", beta, lo=0.0)
+    if reduction is not None:
+        check_number(fn, "reduction", reduction, lo=0.0, hi=1.0)
+    if rule not in ("reference", "paper"):
+        raise ValueError(f"{fn}: rule must be 'reference' or 'paper', got {rule!r}")
     xp = jnp if isinstance(corr, jax.Array) else np
     host = np.asarray(corr, np.float32)
     # sets[j][m]: model m's group paired with model 0's group j
@@ -368,4 +381,4 @@ def group_zip_match(corr, *, groups: int, alpha: float = 0.5, beta: float = 1.0,
     for j, (idx, u) in enumerate(zip(rows, cols)):
         unmerge[idx, j * og_out:(j + 1) * og_out] = u
     unmerge = xp.asarray(unmerge)
-    return _merge_from(unmerge), unmerge
+    return merge_from_unmerge(unmerge), unmerge

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .assignment import solve_assignment
+from .checks import check_dtype, check_finite_array
+from .transforms import merge_from_unmerge
 
 __all__ = ["permute_match"]
 
@@ -29,7 +31,9 @@ def permute_match(corr, *, num_models: int = 2, backend: str = "scipy"):
     Args:
       corr: (N*n, N*n) correlation of the concatenated features of N = `num_models` models
         (model i owns rows/cols i*n:(i+1)*n). Only the blocks corr[:n, i*n:(i+1)*n], i >= 1,
-        are read, and they must be finite. numpy or jax (also traced, see `solve_assignment`).
+        are read. Floating or integer dtype, all values finite (ValueError naming the count and
+        the first position otherwise). numpy or jax (also traced, see `solve_assignment`; a
+        traced corr's values are checked by the assignment backend).
       num_models: N >= 1.
       backend: assignment backend (`mergejax.kernels.assignment.available_backends()`).
         Default ``"scipy"`` because it reproduces the reference's choice among *tied* optima
@@ -40,13 +44,18 @@ def permute_match(corr, *, num_models: int = 2, backend: str = "scipy"):
       merge: (n, N*n), unmerge: (N*n, n), both in corr's floating dtype (float32 for integer
         input); numpy for numpy input, jax for jax input.
     """
-    if not isinstance(num_models, int | np.integer) or num_models < 1:
-        raise ValueError(f"num_models must be a positive int, got {num_models!r}")
+    fn = "permute_match"
+    if (isinstance(num_models, bool) or not isinstance(num_models, int | np.integer)
+            or num_models < 1):
+        raise ValueError(f"{fn}: num_models must be a positive int, got {num_models!r}")
     shape = tuple(np.shape(corr))
-    if len(shape) != 2 or shape[0] != shape[1] or shape[0] % num_models:
+    if len(shape) != 2 or shape[0] != shape[1] or shape[0] % num_models or not shape[0]:
         raise ValueError(
-            f"corr must be square (N*n, N*n) with N = num_models = {num_models}; got {shape}"
+            f"{fn}: corr must be square (N*n, N*n) with N = num_models = {num_models}; got "
+            f"{shape} (need n >= 1 features per model)"
         )
+    check_dtype(fn, "corr", corr, integer_ok=True)
+    check_finite_array(fn, "corr", corr)
     xp = jnp if isinstance(corr, jax.Array) else np
     corr = xp.asarray(corr)
     dtype = corr.dtype if xp.issubdtype(corr.dtype, xp.floating) else xp.float32
@@ -59,6 +68,4 @@ def permute_match(corr, *, num_models: int = 2, backend: str = "scipy"):
         # eye[col].T places a 1 at (col[r], r): model i's feature col[r] feeds merged feature r.
         blocks.append(eye[col].T)
     unmerge = xp.concatenate(blocks, axis=0)
-    # Same float ops as the reference (colsum + 1e-5, then divide) so merge matches it bit for bit.
-    merge = (unmerge / (unmerge.sum(axis=0, keepdims=True) + 1e-5)).T
-    return merge, unmerge
+    return merge_from_unmerge(unmerge), unmerge

@@ -86,6 +86,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from .checks import check_dtype, check_finite_array
 from .sharding import DATA, constrain, data_size, replicate
 
 _CLAMP = 1e-7  # ZipIt's compute_correlation: clamp(sd sd^T, min=1e-7)
@@ -133,6 +134,8 @@ class FeatureStats(NamedTuple):
     def init(cls, dim: int, mesh: Mesh | None = None) -> "FeatureStats":
         """Empty state for ``dim`` features (replicated on ``mesh`` if given, so that the first
         ``update`` can donate it in place)."""
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
+            raise ValueError(f"FeatureStats.init: dim must be an integer >= 1, got {dim!r}")
         state = cls(
             count=jnp.zeros((), jnp.int32),
             mean=jnp.zeros((dim,), jnp.float32),
@@ -229,6 +232,11 @@ def covariance_to_correlation(cov: jax.Array, dead: jax.Array | None = None) -> 
     Returns:
       (d, d) correlation in [-1, 1], never NaN for finite ``cov``.
     """
+    shape = tuple(np.shape(cov))
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"covariance_to_correlation: cov must be square (d, d), got {shape}")
+    check_dtype("covariance_to_correlation", "cov", cov)
+    check_finite_array("covariance_to_correlation", "cov", cov)
     if dead is not None:
         cov = jnp.where(dead[:, None] | dead[None, :], 0.0, cov)
     sd = jnp.sqrt(jnp.maximum(jnp.diagonal(cov), 0.0))
@@ -289,6 +297,9 @@ def _as_features(features) -> tuple:
         raise ValueError(
             "features must be (B, ..., d_i) arrays with equal leading shapes, got "
             f"{[tuple(x.shape) for x in xs]}")
+    for i, x in enumerate(xs):
+        # values are checked for free inside the update (the `finite` flag, see finalize)
+        check_dtype("FeatureStats.update", "features" if len(xs) == 1 else f"features[{i}]", x)
     return xs
 
 

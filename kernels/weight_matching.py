@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .assignment import solve_assignment
+from .checks import check_count, check_dtype, check_finite_array
 
 
 def _axes_by_space(spec, paths) -> dict[str, list[tuple[str, int]]]:
@@ -85,7 +86,15 @@ def weight_matching(spec, params_a: Mapping[str, Any], params_b: Mapping[str, An
       `{space: perm}` with `perm` (n,) int: B's feature `perm[k]` is matched to A's feature k,
       i.e. `take(W_b, perm, axis)` aligns B to A. With `return_history`, `(perms, history)`.
     """
+    fn = "weight_matching"
+    check_count(fn, "max_iter", max_iter, lo=0)
     paths = tuple(sorted(p for p in params_a if p in spec.leaves and spec.leaves[p]))
+    for name, params in (("params_a", params_a), ("params_b", params_b)):
+        for p in paths:
+            if p not in params:
+                raise ValueError(f"{fn}: {name} has no leaf {p!r}")
+            check_dtype(fn, f"{name}[{p!r}]", params[p])
+            check_finite_array(fn, f"{name}[{p!r}]", params[p])
     by_space = _axes_by_space(spec, paths)
     spaces = [s.name for s in spec.spaces if by_space[s.name]]
     pa = {p: jnp.asarray(params_a[p], jnp.float32) for p in paths}
@@ -94,6 +103,10 @@ def weight_matching(spec, params_a: Mapping[str, Any], params_b: Mapping[str, An
         if pa[p].shape != pb[p].shape:
             raise ValueError(f"leaf {p}: shapes differ, {pa[p].shape} vs {pb[p].shape}")
     widths = {s.name: s.width for s in spec.spaces}
+    for s, perm in (init_perm or {}).items():
+        if s in widths and sorted(np.asarray(perm).tolist()) != list(range(widths[s])):
+            raise ValueError(f"{fn}: init_perm[{s!r}] is not a permutation of "
+                             f"range({widths[s]})")
     perms = {s: jnp.asarray(np.asarray(init_perm[s]) if init_perm and s in init_perm
                             else np.arange(widths[s]), jnp.int32) for s in widths}
     sims = {s: _similarity_fn(spec, paths, s) for s in spaces}

@@ -26,6 +26,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .checks import (
+    check_count,
+    check_dtype,
+    check_finite_array,
+    check_number,
+    check_square,
+    is_traced,
+)
+from .transforms import merge_from_unmerge
+
 __all__ = ["zip_match"]
 
 _NEG_INF = float("-inf")
@@ -64,13 +74,17 @@ def zip_match(
     Args:
       corr: (O, O) float32 correlation matrix of the concatenated features of N = `num_models`
         models, O = N * n; model m's features are rows/columns m*n:(m+1)*n. It need not be
-        symmetric (it is used as given, like the reference). The diagonal is ignored. Must not
-        contain NaN. May be a tracer (the function can be called inside `jax.jit`).
-      alpha: ZipIt!'s `a` (a Python float). > 0: a merged feature keeps similarity
-        min(S[:, i], S[:, j]) * alpha (scaled once). <= 0: instead the merged feature is blocked
-        from further merges with the features of both models involved (how "both models" is
-        read depends on `rule`).
-      beta: ZipIt!'s `b` (a Python float). Each model may take part in
+        symmetric (it is used as given, like the reference). The diagonal is ignored. A floating
+        dtype; -inf marks a pair that may never merge; NaN and +inf are refused (ValueError
+        naming the count and the first position). May be a tracer (the function can be called
+        inside `jax.jit`): its values are then unknown when this function runs, so instead of
+        raising, a NaN/+inf corr (or a non-finite traced alpha) makes the compiled kernel skip
+        the matching and return all-NaN matrices (it never hangs).
+      alpha: ZipIt!'s `a` (a finite Python float, or a traced scalar). > 0: a merged feature
+        keeps similarity min(S[:, i], S[:, j]) * alpha (scaled once). <= 0: instead the merged
+        feature is blocked from further merges with the features of both models involved (how
+        "both models" is read depends on `rule`).
+      beta: ZipIt!'s `b` (a finite Python float >= 0). Each model may take part in
         budget = int((to_remove // N) * beta + 1e-4) same-model merges, to_remove = O - n_out.
         As in the reference the budget is only checked *after* a same-model merge, so every
         model gets max(1, budget) of them (beta = 0 still allows one); once it is exhausted all
@@ -78,7 +92,7 @@ def zip_match(
       reduction: r; merged width n_out = int(O * (1 - r) + 1e-4). Default 1 - 1/N (n_out = n).
         Note: the reference infers N from r as int(1/(1 - r) + 0.5); here N is `num_models`,
         which agrees whenever r = 1 - 1/N (the only way ZipIt's ModelMerge calls it).
-      num_models: N.
+      num_models: N, an int >= 1 (and O = N * n with n >= 1).
       rule: "reference" (default) reproduces gstoica27/ZipIt's `match_tensors_zipit` bit for bit,
         including two quirks of its row/column deletion:
           * alpha <= 0 blocks the merged feature by *position* in the shrinking matrix: the rows
@@ -102,21 +116,33 @@ def zip_match(
     Compilation: one compile per (O, n_out, num_models, rule); alpha and beta enter the compiled
     loop as runtime scalars, so sweeping them does not recompile.
     """
+    fn = "zip_match"
     if rule not in ("reference", "paper"):
-        raise ValueError(f"rule must be 'reference' or 'paper', got {rule!r}")
+        raise ValueError(f"{fn}: rule must be 'reference' or 'paper', got {rule!r}")
+    num_models = check_count(fn, "num_models", num_models)
+    check_dtype(fn, "corr", corr)
+    big_o, _ = check_square(fn, "corr", corr, num_models)
+    check_number(fn, "alpha", alpha)
+    if is_traced(beta):
+        raise ValueError(f"{fn}: beta must be a Python number (it sets the static merge "
+                         "budget), got a traced value")
+    check_number(fn, "beta", beta, lo=0.0)
+    if reduction is not None:
+        check_number(fn, "reduction", reduction, lo=0.0, hi=1.0)
+    # -inf is a similarity (a pair that may never merge, as the reference's own blocking);
+    # NaN and +inf are not: a NaN would keep the greedy loop from ever ending.
+    check_finite_array(fn, "corr", corr, allow_neg_inf=True)
     corr = jnp.asarray(corr, jnp.float32)
-    if corr.ndim != 2 or corr.shape[0] != corr.shape[1]:
-        raise ValueError(f"corr must be square (O, O), got {corr.shape}")
-    big_o = corr.shape[0]
-    if big_o % num_models:
-        raise ValueError(f"O={big_o} is not a multiple of num_models={num_models}")
     if reduction is None:
         reduction = 1.0 - 1.0 / num_models
     n_out = int(big_o * (1 - reduction) + 1e-4)
     if not 1 <= n_out <= big_o:
-        raise ValueError(f"reduction={reduction} gives merged width {n_out} for O={big_o}")
+        raise ValueError(f"{fn}: reduction={reduction} gives merged width {n_out} for O={big_o}")
     # Python float arithmetic, exactly as the reference computes it.
     budget = int(((big_o - n_out) // num_models) * beta + 1e-4)
+    # At most O - n_out same-model merges happen, so a larger budget is never exhausted: the
+    # cap changes nothing but keeps a huge beta from overflowing int32.
+    budget = min(budget, big_o)
     return _zip_match(
         corr,
         jnp.float32(alpha),
@@ -125,6 +151,8 @@ def zip_match(
         num_models=num_models,
         rule=rule,
         tile=_default_tile(big_o),
+        # concrete corr and alpha were checked above; traced ones are guarded in the kernel
+        guard=is_traced(corr) or is_traced(alpha),
     )
 
 
@@ -133,7 +161,7 @@ def _default_tile(big_o: int) -> int:
     return 64 if big_o >= 512 else 8
 
 
-@functools.partial(jax.jit, static_argnames=("n_out", "num_models", "rule", "tile"))
+@functools.partial(jax.jit, static_argnames=("n_out", "num_models", "rule", "tile", "guard"))
 def _zip_match(
     corr: jax.Array,
     alpha: jax.Array,
@@ -143,8 +171,13 @@ def _zip_match(
     num_models: int,
     rule: str,
     tile: int,
+    guard: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Jitted core of `zip_match`: corr (O, O) f32, alpha () f32, budget0 () int32.
+
+    `guard`: check corr for NaN/+inf and alpha for non-finite values inside the kernel (for
+    traced input, whose values `zip_match` cannot check); the matching is then skipped and the
+    result is all NaN, never an endless loop. Off for input already checked on the host.
 
     Storage: the similarity matrix S (padded to P = a multiple of `tile` with dead features) is
     kept as T of shape (P/B, P, B) with T[c // B, r, c % B] = S[r, c]: blocks of B columns, each
@@ -164,6 +197,12 @@ def _zip_match(
     big_o = corr.shape[0]
     n = big_o // num_models
     to_remove = big_o - n_out
+    # Guard for traced input (concrete input was checked by `zip_match`): a NaN would make the
+    # lazy-greedy `pick` loop forever. Replace the input by a harmless one and poison the result.
+    if guard:
+        bad = jnp.any(jnp.isnan(corr) | (corr == jnp.inf)) | ~jnp.isfinite(alpha)
+        corr = jnp.where(bad, jnp.float32(0), corr)
+        alpha = jnp.where(bad, jnp.float32(1), alpha)
     b = tile
     p = -(-big_o // b) * b  # padded size; padding = features that are dead from the start
     nb = p // b
@@ -367,12 +406,8 @@ def _zip_match(
 
     cols = jnp.nonzero(live, size=n_out)[0].astype(jnp.int32)  # survivors, ascending
     rep = rep[:big_o]
+    # dropped features (rep = -1) get an all-zero row
     unmerge = (rep[:, None] == cols[None, :]).astype(jnp.float32)
-    # merge = (U / (colsum(U) + 1e-5)).T, built directly in its (n_out, O) layout; colsum is
-    # the cluster size (dropped features, rep = -1, are not counted)
-    # (index p is out of range and dropped; a -1 index would wrap around)
-    size = jnp.zeros(p, jnp.float32).at[jnp.where(rep < 0, p, rep)].add(1.0, mode="drop")
-    size = size[cols]
-    inv = 1.0 / (size + 1e-5)
-    merge = jnp.where(cols[:, None] == rep[None, :], inv[:, None], 0.0)
-    return merge, unmerge
+    if guard:
+        unmerge = jnp.where(bad, jnp.float32(jnp.nan), unmerge)
+    return merge_from_unmerge(unmerge), unmerge

@@ -39,7 +39,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.data = ml_collections.ConfigDict(dict(
         name="digits", data_dir="", num_tasks=2, task_kind="disjoint", classes_per_task=0,
-        stat_batches=8, batch_size=128, eval_batch_size=256))
+        stat_batches=8, batch_size=128, eval_batch_size=256,
+        # Explicit tasks, e.g. ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9)); empty: a seeded split.
+        task_classes=(),
+        # False: statistics and repair read every training image of the tasks in dataset
+        # order, the last partial batch kept (ZipIt!'s protocol); True: seeded full batches.
+        shuffle_statistics=True))
     c.model = ml_collections.ConfigDict(dict(name="resnet20"))  # + the model's kwargs
     c.train = ml_collections.ConfigDict(dict(
         epochs=30, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
@@ -47,15 +52,21 @@ def base_config() -> ml_collections.ConfigDict:
     # fine-tuning overrides of `train` (kind "finetune")
     c.finetune = ml_collections.ConfigDict(dict(epochs=5, lr=0.01, warmup_epochs=0.0))
     c.merge = ml_collections.ConfigDict(dict(methods=("average",), repair_batches=8))
-    # Every method's hyperparameters, typed by their defaults, so that any of them can be set
-    # from the command line (--config.merge.zipit.alpha=0.5). `search` lists those a finetune
-    # run chooses on the validation split (the others keep the value given here).
+    # BatchNorm reset after merging: "population" (every image weighs the same) or "per_batch"
+    # (torch's momentum=None, as ZipIt! and REPAIR); reset_endpoints resets the endpoints'
+    # statistics on the same data first, as ZipIt!'s evaluation scripts do.
+    c.repair = ml_collections.ConfigDict(dict(estimator="population", reset_endpoints=False))
+    # Every method's hyperparameters (defaults: its signature), typed by their defaults, so
+    # that any of them can be set from the command line (--config.merge.zipit.alpha=0.5).
+    # `merge_search.<method>` names those a finetune run chooses on the validation split from
+    # the method's grids (the others keep the value in `merge.<method>`).
     from mergejax import methods
 
+    c.merge_search = ml_collections.ConfigDict()
     for name in methods.names():
         method = methods.get(name)
-        c.merge[name] = ml_collections.ConfigDict(
-            {**method.hparams, "search": tuple(method.search)})
+        c.merge[name] = ml_collections.ConfigDict(method.hparams)
+        c.merge_search[name] = tuple(method.search)
     c.endpoints = ml_collections.ConfigDict(dict(checkpoints=()))
     c.export = ml_collections.ConfigDict(dict(formats=()))
     return c

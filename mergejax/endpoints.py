@@ -2,7 +2,9 @@
 
 An endpoint's directory name is a hash of everything that determines its weights (dataset,
 task classes, model and its kwargs, training settings, seed), so changing any of them trains a
-new endpoint while a second identical run skips training.
+new endpoint while a second identical run skips training. A cached endpoint that cannot be
+read (truncated or garbled files) is named in a warning, moved aside to
+`endpoints/<name>.corrupt-<time>` and retrained.
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import time
+import warnings
 from pathlib import Path
 
-from mergejax import checkpointing, train
+from mergejax import train
 from mergejax.data import Dataset, Task, select
+from mergejax.io import checkpoint as checkpointing
 from mergejax.models import Model, Variables
 
 
@@ -41,7 +47,13 @@ def get_or_train(workdir: str | Path, dataset: Dataset, task: Task, model: Model
     if checkpointing.exists(path):
         logging.info("reusing endpoint %s from %s", name, path)
         like = model.init_shapes(x[:1])
-        return checkpointing.load(path, like=like)
+        try:
+            return checkpointing.load(path, like=like)
+        except Exception as e:  # truncated / garbled orbax files, wrong shapes
+            _move_aside(path, name, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                        if str(e) else type(e).__name__)
+    elif path.exists():  # not a complete checkpoint (e.g. its meta.json was removed)
+        _move_aside(path, name, "incomplete checkpoint (no meta.json or state/)")
     logging.info("training endpoint %s on classes %s (%d examples)", name, task, len(y))
     variables, losses = train.train(model, x, y, settings, seed=seed, augment=dataset.augment,
                                     desc=f"train {name}", variables=init)
@@ -52,3 +64,18 @@ def get_or_train(workdir: str | Path, dataset: Dataset, task: Task, model: Model
     checkpointing.save(path, variables, meta)
     return variables  # train() returns numpy leaves
 
+
+
+def _move_aside(path: Path, name: str, why: str) -> Path:
+    """Renames an unreadable cached endpoint to `<path>.corrupt-<time>` with a warning."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside = aside.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    os.replace(path, aside)
+    message = (f"cached endpoint {name} at {path} is corrupt ({why}); moved it aside to "
+               f"{aside} and retraining")
+    logging.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return aside

@@ -13,25 +13,26 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from mergejax import data as data_lib
-from mergejax import evaluate, methods, repair, train
+from mergejax import evaluation, methods, repair, train
 from mergejax.endpoints import endpoint_key, get_or_train
-from mergejax.experiment import (
-    KINDS,
-    check_methods,
-    image_batches,
+from mergejax.entries import check_methods, config_hparams, parse_method
+from mergejax.kinds import KINDS
+from mergejax.models import Model, Variables
+from mergejax.results import error_row, result_row
+from mergejax.run_setup import (
+    load_tasks,
+    merge_images,
     model_from_config,
-    parse_method,
-    result_row,
+    statistics_and_repair_batches,
     train_settings,
 )
-from mergejax.models import Model, Variables
 
 
 def split_head(variables: Variables, head: str) -> tuple[dict, dict]:
@@ -49,16 +50,17 @@ def assemble(backbone: dict, head_params: dict, batch_stats: dict | None) -> Var
     return out
 
 
-def _grid(method, settings: dict) -> list[dict]:
-    """Every combination of the grids of the hyperparameters listed in `settings["search"]`;
-    the others keep their values in `settings` (defaults: the method's)."""
-    settings = dict(settings)
-    searched = tuple(settings.pop("search", tuple(method.search)))
+def candidate_grid(method, settings: dict, searched: tuple[str, ...] | None = None
+                   ) -> list[dict]:
+    """Every combination of the grids of the hyperparameters named in `searched` (default:
+    every grid the method declares); the others keep their values in `settings` (defaults:
+    the method's signature)."""
+    searched = tuple(method.search) if searched is None else tuple(searched)
     unknown = sorted(set(searched) - set(method.search))
     if unknown:
         raise ValueError(f"method {method.name!r} has no search grid for {unknown}; "
                          f"searchable: {sorted(method.search)}")
-    base = {**method.hparams, **settings}
+    base = method.check_hparams("weight_space", settings)
     axes = {k: method.search[k] for k in searched}
     if not axes:
         return [base]
@@ -66,14 +68,16 @@ def _grid(method, settings: dict) -> list[dict]:
 
 
 @KINDS.decorator("finetune")
-def run_finetune(config, workdir: Path) -> list[dict]:
-    """Base + per-task fine-tuned models, merged by weight-space methods."""
+def run_finetune(config, workdir: Path, emit: Callable[[dict], None] | None = None
+                 ) -> list[dict]:
+    """Base + per-task fine-tuned models, merged by weight-space methods.
+
+    `emit(row)` is called with every finished row (the caller writes the results files); a
+    method that raises gives an `error` row and the others still run.
+    """
     check_methods(config.merge.methods, "weight_space")
     # ---------------------------------------------------------------- data
-    dataset = data_lib.load(config.data.name, config.data.data_dir or None)
-    tasks = data_lib.split_classes(
-        dataset.num_classes, config.data.num_tasks, seed=config.seed,
-        kind=config.data.task_kind, classes_per_task=config.data.classes_per_task or None)
+    dataset, tasks = load_tasks(config)
     classes = data_lib.union(tasks)
     logging.info("tasks: %s", tasks)
     # ---------------------------------------------------------------- base and fine-tuned
@@ -101,56 +105,76 @@ def run_finetune(config, workdir: Path) -> list[dict]:
     if "batch_stats" in base:
         mean_stats = jax.tree.map(lambda *s: np.mean(s, axis=0),
                                   *[v["batch_stats"] for v in finetuned])
-    train_x = np.concatenate([data_lib.select(*dataset.splits["train"], t)[0] for t in tasks])
-    repair_batches = image_batches(train_x, config.data.batch_size, config.merge.repair_batches,
-                                    config.seed + 1)
+    _, repair_batches = statistics_and_repair_batches(config, merge_images(config, dataset,
+                                                                           tasks))
+    estimator = config.get("repair", {}).get("estimator", "population")
 
     def score(per_task_variables: Sequence[Variables], split: str) -> dict:
         heads = list(zip(task_models, per_task_variables, tasks))
-        return evaluate.evaluate_heads(heads, *dataset.splits[split], tasks,
+        return evaluation.evaluate_heads(heads, *dataset.splits[split], tasks,
                                        config.data.eval_batch_size)
 
     def with_heads(merged, stats, reset: bool) -> list[Variables]:
         per_task = merged if isinstance(merged, list) else [merged] * len(tasks)
         out = [assemble(bb, h, stats) for bb, h in zip(per_task, heads)]
         if reset:
-            out = [repair.reset_batch_stats(m, v, repair_batches())
+            out = [repair.reset_batch_stats(m, v, repair_batches(), estimator=estimator)
                    for m, v in zip(task_models, out)]
         return out
 
     base_heads = with_heads(base_backbone, base.get("batch_stats"), False)
-    rows = [result_row("base", score(base_heads, "test"), 0.0),
-            result_row("finetuned", score(finetuned, "test"), 0.0)]
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if emit is not None:
+            emit(row)
+
+    add(result_row("base", score(base_heads, "test"), 0.0))
+    add(result_row("finetuned", score(finetuned, "test"), 0.0))
     # ---------------------------------------------------------------- merges
     key = jax.random.key(config.seed)
     for entry in config.merge.methods:
-        name, variants, stop_after = parse_method(entry)
-        if stop_after:
-            raise ValueError(f"{entry!r}: partial merging (@space) is for matching methods")
-        method = methods.get(name)
-        fn = method.fn("weight_space")
-        settings = dict(config.merge.get(name, {}))
-        reset = bool(variants)
         start = time.perf_counter()
-        candidates = []
-        for hp in _grid(method, settings):
-            merged = fn(base_backbone, backbones, key=key, **hp)
-            val = score(with_heads(merged, mean_stats, reset), "validation")
-            candidates.append((hp, merged, val))
-        if method.per_task_search and isinstance(candidates[0][1], list):
-            # choose per task: task t's model from the candidate best on task t's validation
-            chosen_hp, merged = [], []
-            for t in range(len(tasks)):
-                tname = evaluate.task_name(t)
-                hp, m, _ = max(candidates, key=lambda c, tname=tname: c[2]["per_task_acc"][tname])
-                chosen_hp.append(hp)
-                merged.append(m[t])
-            hparams = {"per_task": chosen_hp}
-        else:
-            hparams, merged, _ = max(candidates, key=lambda c: c[2]["task_avg_acc"])
-        final = with_heads(merged, mean_stats, reset)
-        seconds = time.perf_counter() - start
-        rows.append(result_row(entry, score(final, "test"), seconds, hparams=hparams,
-                         num_candidates=len(candidates)))
+        try:
+            add(_merge_one(config, entry, key, base_backbone, backbones, mean_stats, tasks,
+                           score, with_heads))
+        except Exception as e:  # one failing method does not lose the others' rows
+            logging.exception("%s failed", entry)
+            add(error_row(entry, e, time.perf_counter() - start))
         logging.info("%s: %s", entry, rows[-1])
     return rows
+
+
+def _merge_one(config, entry, key, base_backbone, backbones, mean_stats, tasks, score,
+               with_heads) -> dict:
+    """The row of one method entry: search its hyperparameters on validation, test the best."""
+    name, variants, stop_after = parse_method(entry)
+    if stop_after:
+        raise ValueError(f"{entry!r}: partial merging (@space) is for matching methods")
+    method = methods.get(name)
+    fn = method.fn("weight_space")
+    settings = config_hparams(config, name, "weight_space")
+    reset = bool(variants)
+    start = time.perf_counter()
+    candidates = []
+    searched = config.get("merge_search", {}).get(name)
+    for hp in candidate_grid(method, settings, searched):
+        merged = fn(base_backbone, backbones, key=key, **hp)
+        val = score(with_heads(merged, mean_stats, reset), "validation")
+        candidates.append((hp, merged, val))
+    if method.per_task_search and isinstance(candidates[0][1], list):
+        # choose per task: task t's model from the candidate best on task t's validation
+        chosen_hp, merged = [], []
+        for t in range(len(tasks)):
+            tname = evaluation.task_name(t)
+            hp, m, _ = max(candidates, key=lambda c, tname=tname: c[2]["per_task_acc"][tname])
+            chosen_hp.append(hp)
+            merged.append(m[t])
+        hparams = {"per_task": chosen_hp}
+    else:
+        hparams, merged, _ = max(candidates, key=lambda c: c[2]["task_avg_acc"])
+    final = with_heads(merged, mean_stats, reset)
+    seconds = time.perf_counter() - start
+    return result_row(entry, score(final, "test"), seconds, hparams=hparams,
+                      num_candidates=len(candidates))

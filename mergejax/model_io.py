@@ -1,7 +1,7 @@
 """Endpoints from files (orbax, PyTorch, safetensors) and export of merged models.
 
 `load_endpoint(path, model)` detects the format from the path: a directory is an orbax
-checkpoint written by `mergejax.checkpointing`; `.pt/.pth/.bin/.safetensors` is a PyTorch
+checkpoint written by `mergejax.io.checkpoint`; `.pt/.pth/.bin/.safetensors` is a PyTorch
 state_dict converted by `mergejax.converters` for `model`'s architecture and arguments.
 `export(...)` writes every head of a merged model as orbax, torch `.pt` and/or `.safetensors`.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mergejax import checkpointing
+from mergejax.io import checkpoint as checkpointing
 from mergejax.models import Model, Variables
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -25,24 +25,51 @@ def _torch_kwargs(model: Model) -> dict:
     return {k: v for k, v in model.kwargs.items() if k not in ("bn_momentum",)}
 
 
-def load_endpoint(path: str | Path, model: Model, example: np.ndarray) -> Variables:
+def load_endpoint(path: str | Path, model: Model, example: np.ndarray, *,
+                  allow_nonfinite: bool = False) -> Variables:
     """Variables of `model` read from `path` (format from the path; see module docstring).
 
     `example` (1, H, W, C) fixes the expected shapes (orbax restores are checked against them).
+    Every tensor must be floating point and finite unless `allow_nonfinite` (the error names
+    the file and the key: `mergejax.io.check.check_tensors`).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"endpoint checkpoint {path} does not exist")
     if path.is_dir():
-        return checkpointing.load(path, like=model.init_shapes(example))
+        return checkpointing.load(path, like=model.init_shapes(example),
+                                  allow_nonfinite=allow_nonfinite)
     if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(f"cannot tell the format of endpoint checkpoint {path}: expected an "
                          f"orbax directory or one of {TORCH_SUFFIXES}")
     from mergejax import converters
 
-    state_dict = converters.load_state_dict(path)
+    state_dict = converters.load_state_dict(path, allow_nonfinite=allow_nonfinite)
     return converters.from_torch(state_dict, model.name, input_shape=example.shape[1:],
-                                 **_torch_kwargs(model))
+                                 allow_nonfinite=allow_nonfinite, **_torch_kwargs(model))
+
+
+SAVE_FORMATS = {"orbax": "orbax", "pt": "torch", "torch": "torch", "safetensors": "safetensors"}
+
+
+def save_variables(path: str | Path, variables: Variables, model: Model, fmt: str, *,
+                   input_shape: Sequence[int], meta: dict | None = None) -> Path:
+    """Writes one variable tree of `model` to `path` as "orbax" (a checkpoint directory),
+    "torch"/"pt" (a torch state_dict in the original repository's layout) or "safetensors";
+    atomically (temporary name, then rename). Returns the path."""
+    if fmt not in SAVE_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {sorted(SAVE_FORMATS)}")
+    path = Path(path)
+    meta = {"arch": model.name, "model_kwargs": model.kwargs,
+            "input_shape": list(input_shape), **(meta or {})}
+    if SAVE_FORMATS[fmt] == "orbax":
+        return checkpointing.save(path, variables, meta)
+    from mergejax import converters
+
+    sd = converters.to_torch(variables, model.name, input_shape=tuple(input_shape),
+                             **_torch_kwargs(model))
+    converters.save_state_dict(sd, path, metadata={k: str(v) for k, v in meta.items()})
+    return path
 
 
 def _safe(name: str) -> str:
@@ -62,17 +89,9 @@ def export(out_dir: str | Path, method: str, model: Model, heads: Sequence[Varia
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"method": method, "arch": model.name, "model_kwargs": model.kwargs, **(meta or {})}
     written = []
+    suffix = {"orbax": "", "torch": ".pt", "safetensors": ".safetensors"}
     for i, variables in enumerate(heads):
-        if "orbax" in formats:
-            written.append(checkpointing.save(folder / f"head_{i}", variables, meta))
-        torch_formats = [f for f in formats if f in ("torch", "safetensors")]
-        if torch_formats:
-            from mergejax import converters
-
-            sd = converters.to_torch(variables, model.name, input_shape=example.shape[1:],
-                                     **_torch_kwargs(model))
-            for fmt in torch_formats:
-                path = folder / f"head_{i}.{'pt' if fmt == 'torch' else 'safetensors'}"
-                converters.save_state_dict(sd, path, metadata={"method": method})
-                written.append(path)
+        for fmt in formats:
+            written.append(save_variables(folder / f"head_{i}{suffix[fmt]}", variables, model,
+                                          fmt, input_shape=example.shape[1:], meta=meta))
     return written

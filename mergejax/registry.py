@@ -26,6 +26,12 @@ class Registry(Generic[T]):
         self._items[name] = item
         return item
 
+    def replace(self, name: str, item: T) -> T:
+        """Replaces the object registered as `name` (which must exist)."""
+        self.get(name)
+        self._items[name] = item
+        return item
+
     def decorator(self, name: str) -> Callable[[T], T]:
         """`@registry.decorator("name")` registers the decorated object."""
         return lambda item: self.register(name, item)

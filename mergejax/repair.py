@@ -1,9 +1,10 @@
 """Post-merge repair: BatchNorm reset, and REPAIR (Jordan et al., ICLR 2023) for nets without it.
 
 ZipIt! and REPAIR recompute BatchNorm running statistics of a merged model on a few batches of
-training data: a cumulative (equal-weight per example) average of each batch's statistics in
-train mode, like torch's momentum=None. For BatchNorm nets that *is* REPAIR: the BatchNorm
-affine parameters are already the merge-weighted interpolation of the endpoints'.
+training data in train mode (`reset_batch_stats`; estimator "per_batch" is torch's
+momentum=None that they use, "population" weighs every image once). For BatchNorm nets that
+*is* REPAIR: the BatchNorm affine parameters are already the merge-weighted interpolation of
+the endpoints'.
 
 Without BatchNorm, REPAIR rescales each merged layer so that its pre-activations have, per
 channel, the merge-weighted interpolation of the endpoints' mean and standard deviation
@@ -17,43 +18,112 @@ import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from mergejax.models import Model, Variables
 from mergejax.specs import MergeSpec
 from mergejax.specs.spec import Space, flatten, unflatten
 
+ESTIMATORS = ("population", "per_batch")
+
 
 @functools.lru_cache(maxsize=16)
 def _batch_stats_fn(model: Model):
-    # Momentum 0 makes the "running" statistics after one train-mode call equal the batch's own.
-    exact = model.with_bn_momentum(0.0)
-    return jax.jit(lambda v, x: exact.apply_train(v, x)[1]["batch_stats"])
+    """jit fn(variables, x) -> (batch_stats of x alone, {BatchNorm path: positions per channel}).
 
-
-def reset_batch_stats(model: Model, variables: Variables, batches: Iterable[np.ndarray]
-                      ) -> Variables:
-    """`variables` with BatchNorm statistics recomputed over `batches` of images (B, H, W, C).
-
-    Each batch's mean and (biased) variance are averaged with weight proportional to its size.
-    Models without BatchNorm are returned unchanged.
+    Momentum 0 makes the "running" statistics after one train-mode call equal the batch's own
+    (mean and biased variance). The count per channel (B * H * W at that layer) comes from the
+    BatchNorm outputs captured in the same call.
     """
+    exact = model.with_bn_momentum(0.0)
+
+    def stats(variables, x):
+        _, state = exact.module.apply(
+            variables, x, train=True, mutable=["batch_stats", "intermediates"],
+            capture_intermediates=lambda mdl, _: isinstance(mdl, nn.BatchNorm))
+        counts = {path[:-1]: np.prod(out[0].shape[:-1])
+                  for path, out in traverse_util.flatten_dict(state["intermediates"]).items()
+                  if path[-1] == "__call__"}
+        return state["batch_stats"], counts
+
+    return jax.jit(stats)
+
+
+def reset_batch_stats(model: Model, variables: Variables, batches: Iterable[np.ndarray], *,
+                      estimator: str = "population") -> Variables:
+    """`variables` with BatchNorm running statistics recomputed over `batches` (B, H, W, C).
+
+    Two estimators of each channel's running mean and variance:
+
+    - ``"population"``: every image weighs the same: the batch means and *biased* batch
+      variances averaged with weights proportional to the batch sizes (the variance is the
+      mean within-batch variance, the one a train-mode BatchNorm normalises with).
+    - ``"per_batch"``: torch's BatchNorm with `momentum=None` (what ZipIt! and REPAIR use):
+      the running mean is the plain mean of the batch means and the running variance the plain
+      mean of the batches' *unbiased* variances (n / (n - 1), n = B*H*W positions at that
+      layer), so every batch weighs the same and a ragged last batch counts as much as a full one.
+
+    Accumulated in float64, stored as float32. Models without BatchNorm are returned unchanged.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown BatchNorm estimator {estimator!r}; valid: {ESTIMATORS}")
     if "batch_stats" not in variables:
         return variables
     fn = _batch_stats_fn(model)
-    total, count = None, 0
+    acc: dict | None = None  # layer path -> (total weight, weighted mean sum, weighted var sum)
     for x in batches:
-        stats = fn(variables, x)
-        n = len(x)
-        weighted = jax.tree.map(lambda s, n=n: np.asarray(s, np.float64) * n, stats)
-        total = weighted if total is None else jax.tree.map(np.add, total, weighted)
-        count += len(x)
-    if total is None:
+        stats, counts = fn(variables, x)
+        flat = traverse_util.flatten_dict(jax.device_get(stats))
+        acc = {} if acc is None else acc
+        for path, value in flat.items():
+            layer, leaf = path[:-1], path[-1]
+            if leaf != "mean":
+                continue
+            n = int(counts[layer])
+            mu = np.asarray(value, np.float64)
+            var = np.asarray(flat[(*layer, "var")], np.float64)
+            if estimator == "per_batch":  # torch momentum=None: batches weigh the same
+                mu_w, var_w, w = mu, var * (n / max(n - 1, 1)), 1
+            else:  # every image weighs the same
+                w = len(x)
+                mu_w, var_w = mu * w, var * w
+            k, m, v = acc.get(layer, (0, 0.0, 0.0))
+            acc[layer] = (k + w, m + mu_w, v + var_w)
+    if acc is None:
         raise ValueError("BatchNorm reset needs at least one batch of data")
-    new_stats = jax.tree.map(lambda s: (s / count).astype(np.float32), total)
-    return {**variables, "batch_stats": new_stats}
+    new = {}
+    for layer, (k, m, v) in acc.items():
+        new[(*layer, "mean")] = (m / k).astype(np.float32)
+        new[(*layer, "var")] = (v / k).astype(np.float32)
+    return {**variables, "batch_stats": traverse_util.unflatten_dict(new)}
+
+
+def _shares_trunk(model: Model, trees: Sequence[Variables]) -> bool:
+    """True when the trees differ at most in the head (a full zip): one reset serves all."""
+    def trunk(tree):
+        return {k: v for k, v in flatten(tree).items()
+                if not k.startswith(f"params/{model.head}/")}
+
+    first = trunk(trees[0])
+    return all(rest.keys() == first.keys()
+               and all(np.array_equal(np.asarray(v), np.asarray(first[k]))
+                       for k, v in rest.items())
+               for rest in map(trunk, trees[1:]))
+
+
+def reset_trees(model: Model, trees: Sequence[Variables], batches: Sequence[np.ndarray], *,
+                estimator: str = "population") -> list[Variables]:
+    """`reset_batch_stats` of every tree; trees sharing their whole trunk (the heads of a full
+    zip) are reset once and share the result."""
+    trees = list(trees)
+    if len(trees) > 1 and "batch_stats" in trees[0] and _shares_trunk(model, trees):
+        stats = reset_batch_stats(model, trees[0], batches, estimator=estimator)["batch_stats"]
+        return [{**t, "batch_stats": stats} for t in trees]
+    return [reset_batch_stats(model, t, batches, estimator=estimator) for t in trees]
 
 
 # ------------------------------------------------------------------------------------ REPAIR
@@ -132,8 +202,8 @@ def _fold_leaves(spec: MergeSpec, space: Space) -> tuple[list[tuple[str, int]], 
 
 def repair(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
            merged: Variables | Sequence[Variables], transforms: Mapping[str, Any],
-           batches: Iterable[np.ndarray], *, min_std: float = 1e-6
-           ) -> Variables | list[Variables]:
+           batches: Iterable[np.ndarray], *, min_std: float = 1e-6,
+           estimator: str = "population") -> Variables | list[Variables]:
     """REPAIR: the merged model with its pre-activation statistics set to the endpoints' blend.
 
     BatchNorm models (`batch_stats` in the merged variables) get a BatchNorm reset, which is
@@ -162,6 +232,7 @@ def repair(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
       batches: image batches (B, H, W, C) of training data; read into memory once, since
         they are passed over once per repaired space.
       min_std: relative threshold below which a merged channel counts as zero-variance.
+      estimator: the BatchNorm reset's estimator (`reset_batch_stats`), for BatchNorm nets.
 
     Returns:
       The repaired variables, in the form of `merged` (one tree or a list of trees).
@@ -172,7 +243,7 @@ def repair(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
     if not batches:
         raise ValueError("REPAIR needs at least one batch of data")
     if any("batch_stats" in t for t in trees):
-        out = [reset_batch_stats(model, t, batches) for t in trees]
+        out = reset_trees(model, trees, batches, estimator=estimator)
         return out[0] if single else out
     spaces = [s for s in spec.spaces if s.name in transforms and s.pre_tap is not None]
     if not spaces:

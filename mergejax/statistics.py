@@ -9,7 +9,7 @@ sharded over every local device's `data` axis when there are several.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -21,7 +21,9 @@ from mergejax.specs import MergeSpec
 
 
 @functools.lru_cache(maxsize=16)
-def _taps_fn(model: Model, taps: tuple[str, ...]):
+def taps_fn(model: Model, taps: tuple[str, ...]):
+    """jit fn(endpoints, x) -> {tap: [activation of model i at tap (B, ..., C)]}, cached."""
+
     def taps_of_all(endpoints, x):
         outs = [model.features(v, x)[1] for v in endpoints]
         return {t: [o[t] for o in outs] for t in taps}
@@ -51,7 +53,7 @@ def collect(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
     if mesh is None and jax.device_count() > 1:
         mesh = data_mesh()
     n_models = len(endpoints)
-    fn = _taps_fn(model, tuple(sorted({s.tap for s in wanted})))
+    fn = taps_fn(model, tuple(sorted({s.tap for s in wanted})))
     states = {s.name: FeatureStats.init(n_models * s.width, mesh) for s in wanted}
     seen = 0
     for x in batches:
@@ -65,3 +67,30 @@ def collect(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
         raise ValueError("statistics need at least one batch of images")
     return {s.name: states[s.name].finalize(name=s.tap, widths=[s.width] * n_models)
             for s in wanted}
+
+
+class StatisticsCache:
+    """Feature statistics of fixed endpoints on fixed data, collected on demand, once per space.
+
+    A run (or one `mergejax.merge` call) makes one cache; every matching method asks it for the
+    spaces it merges, and only spaces not seen before cost a pass over the data (all missing
+    spaces in one pass).
+
+    Args:
+      model, spec, endpoints: as for `collect`.
+      batches: returns a fresh iterable of image batches (B, H, W, C) each call.
+    """
+
+    def __init__(self, model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
+                 batches: Callable[[], Iterable[np.ndarray]]):
+        self.model, self.spec, self.endpoints, self.batches = model, spec, endpoints, batches
+        self._moments: dict[str, Moments] = {}
+
+    def get(self, spaces: Sequence[str]) -> dict[str, Moments]:
+        """`{space: Moments}` for every space of `spaces` that has a tap."""
+        observed = [s for s in spaces if self.spec.space(s).tap is not None]
+        missing = [s for s in observed if s not in self._moments]
+        if missing:
+            self._moments.update(collect(self.model, self.spec, self.endpoints, self.batches(),
+                                         spaces=missing))
+        return {s: self._moments[s] for s in observed}

@@ -34,3 +34,59 @@ def tiny(name, seed=0):
     x = jax.random.normal(jax.random.key(seed + 100), shape)
     variables = model.init(jax.random.key(seed), jnp.zeros(shape))
     return model, random_batch_stats(jax.tree.map(np.asarray, variables), seed), np.asarray(x)
+
+
+class Problem:
+    """Test helper: N endpoints, the spaces to merge and a batch source; `run(method, **hp)`
+    calls the pure matching method the way `mergejax.merging.match` does (statistics collected
+    once, only if the method reads activations)."""
+
+    def __init__(self, model, spec, endpoints, spaces, batches, key=None):
+        from mergejax.statistics import StatisticsCache
+
+        self.model, self.spec, self.endpoints = model, spec, list(endpoints)
+        self.spaces, self.key = list(spaces), key if key is not None else jax.random.key(0)
+        self.cache = StatisticsCache(model, spec, self.endpoints, batches)
+
+    def statistics(self):
+        return self.cache.get(self.spaces)
+
+    def run(self, name, **hparams):
+        from mergejax import merging
+
+        return merging.match(name, self.spec, self.endpoints, self.cache, spaces=self.spaces,
+                             key=self.key, hparams=hparams)
+
+
+def random_trees(shapes, n, seed=0):
+    """A base tree of standard normal leaves with `shapes` ({name: shape}) and `n` fine-tuned
+    trees, each the base plus standard normal noise (float32)."""
+    rng = np.random.default_rng(seed)
+    base = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    fts = [jax.tree.map(lambda x: (x + rng.standard_normal(x.shape)).astype(np.float32), base)
+           for _ in range(n)]
+    return base, fts
+
+
+def flat(tree):
+    """Every leaf of `tree` raveled and concatenated, in tree order."""
+    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
+
+
+def snapshot(path):
+    """`{relpath: (size, mtime_ns)}` of every file under `path` (hidden ones included; {} if
+    `path` does not exist): compare before/after to prove nothing was written or deleted."""
+    import os
+    from pathlib import Path
+
+    root = Path(path)
+    if root.is_file():
+        st = root.stat()
+        return {".": (st.st_size, st.st_mtime_ns)}
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            p = Path(folder) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out

@@ -79,3 +79,43 @@ def test_cifar_through_tfds_mock_data():
     assert x.shape[1:] == (32, 32, 3) and x.dtype == np.float32
     assert len(ds.splits["validation"][1]) == 8 and len(y) == 32
     assert ds.num_classes == 10 and ds.augment == "crop_flip"
+
+
+def test_digits32_shape_normalisation_and_split():
+    small, big = data.load("digits"), data.load("digits32")
+    assert big.name == "digits32" and big.num_classes == 10 and big.augment == "none"
+    x, _ = big.splits["train"]
+    assert x.shape[1:] == (32, 32, 3) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[..., 0], x[..., 1])  # grey replicated to 3 channels
+    np.testing.assert_array_equal(x[..., 0], x[..., 2])
+    # normalised by the scalar mean and std of the (upsampled) training pixels
+    assert abs(float(x.astype(np.float64).mean())) < 1e-5
+    assert abs(float(x.astype(np.float64).std()) - 1.0) < 1e-5
+    for s in datasets.SPLITS:  # the same images in the same order as digits, same labels
+        np.testing.assert_array_equal(big.splits[s][1], small.splits[s][1])
+        assert len(big.splits[s][0]) == len(small.splits[s][0])
+    # each 32x32 image is the upsampled 8x8 one: the raw splits agree up to the affine map
+    raw8 = datasets._digits_splits(0)
+    up = datasets.upsample_bilinear(raw8["test"][0], 32)
+    scale = np.polyfit(up[..., 0].ravel(), big.splits["test"][0][..., 0].ravel(), 1)
+    np.testing.assert_allclose(np.polyval(scale, up[..., 0]), big.splits["test"][0][..., 0],
+                               atol=1e-4)
+
+
+def test_bilinear_upsampling_equals_torch_interpolate():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    for size_in, size_out in ((8, 32), (5, 12), (7, 7), (6, 3)):
+        x = rng.uniform(0, 1, size=(3, size_in, size_in, 2)).astype(np.float32)
+        want = torch.nn.functional.interpolate(
+            torch.from_numpy(x).permute(0, 3, 1, 2), size=(size_out, size_out),
+            mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
+        got = datasets.upsample_bilinear(x, size_out)
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # the real digits, 8x8 -> 32x32
+    x8 = datasets._digits_splits(0)["train"][0][:64]
+    want = torch.nn.functional.interpolate(torch.from_numpy(x8).permute(0, 3, 1, 2),
+                                           size=(32, 32), mode="bilinear",
+                                           align_corners=False).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(datasets.upsample_bilinear(x8, 32), want, rtol=0, atol=1e-6)

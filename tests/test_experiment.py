@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mergejax import checkpointing, experiment
+from mergejax import experiment
 from mergejax.config_lib import load_config_file
+from mergejax.io import checkpoint as checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,3 +118,53 @@ def test_cifar_config_quick_under_tfds_mock_data(tmp_path):
     assert methods[:3] == ["model_a", "model_b", "ensemble"]
     assert methods[3:] == list(config.merge.methods)
     assert all(0.0 <= r["joint_acc"] <= 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_failing_method_gives_error_row_and_corrupt_endpoint_is_retrained(tmp_path):
+    import json
+    import warnings
+
+    from mergejax.methods import registry
+
+    @registry.register("_test_fails", "matching", needs="none")
+    def _fails(spec, endpoints, statistics, *, key=None, spaces):
+        raise RuntimeError("boom in _test_fails")
+
+    try:
+        config = _config("quick", name="digits_mlp")
+        with config.unlocked():
+            config.merge.methods = ("average", "_test_fails", "average+repair")
+        rows = experiment.run(config, tmp_path)
+    finally:
+        registry._METHODS._items.pop("_test_fails")
+    assert [r["method"] for r in rows][-3:] == ["average", "_test_fails", "average+repair"]
+    bad = experiment.failed(rows)
+    assert [r["method"] for r in bad] == ["_test_fails"] and "boom" in bad[0]["error"]
+    on_disk = json.loads((tmp_path / "results.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(c))
+    assert [r["method"] for r in on_disk] == [r["method"] for r in rows]
+    assert all(r["run"]["run_id"] == rows[0]["run"]["run_id"] for r in on_disk)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["status"] == "failed" and run["failed_methods"] == ["_test_fails"]
+    assert run["config"]["merge"]["methods"] == list(config.merge.methods)
+    assert not (tmp_path / ".lock").exists()
+    # garble one cached endpoint: the next run names it, moves it aside and retrains it
+    endpoint = sorted((tmp_path / "endpoints").iterdir())[0]
+    for f in (endpoint / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage" * 3)
+    config = _config("quick", name="digits_mlp")
+    with config.unlocked():
+        config.merge.methods = ("average",)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows2 = experiment.run(config, tmp_path)
+    messages = [str(w.message) for w in caught if "corrupt" in str(w.message)]
+    assert len(messages) == 1 and endpoint.name in messages[0]
+    aside = [p for p in (tmp_path / "endpoints").iterdir() if ".corrupt-" in p.name]
+    assert len(aside) == 1 and checkpointing.exists(endpoint)
+    assert rows2[0]["joint_acc"] == rows[0]["joint_acc"]  # retrained identically (same seed)
+    previous = json.loads((tmp_path / "results.previous.json").read_text())
+    assert [r["method"] for r in previous] == [r["method"] for r in rows]
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"

@@ -19,7 +19,7 @@ def test_finetune_quick_runs_every_method(tmp_path):
     config = _config("digits_finetune_mlp")
     with config.unlocked():
         config.merge.task_arithmetic.lam = 0.5  # fixed: not searched
-        config.merge.task_arithmetic.search = ()
+        config.merge_search.task_arithmetic = ()
     rows = experiment.run(config, tmp_path)
     names = [r["method"] for r in rows]
     assert names[:2] == ["base", "finetuned"]

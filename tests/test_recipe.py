@@ -13,8 +13,9 @@ import pytest
 import safetensors.numpy
 import yaml
 
-from mergejax import checkpointing, methods, models
+from mergejax import methods, models
 from mergejax import recipe as R
+from mergejax.io import checkpoint
 from mergejax.specs import flatten, unflatten
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def ckpts(tmp_path_factory):
     base, tuned = _trees()
     out = {"trees": (base, tuned)}
     for name, tree in [("base", base)] + [(f"m{i}", t) for i, t in enumerate(tuned)]:
-        out[name] = str(checkpointing.save(root / name, tree, {"model": "mlp"}))
+        out[name] = str(checkpoint.save(root / name, tree, {"model": "mlp"}))
         R.save_flat_safetensors(root / f"{name}.safetensors", flatten(tree))
         out[f"st:{name}"] = str(root / f"{name}.safetensors")
     return out
@@ -52,7 +53,7 @@ def ckpts(tmp_path_factory):
 def _run(tmp_path, raw, **kw):
     out = tmp_path / "out"
     R.run(R.parse(raw), out, **kw)
-    orbax = checkpointing.load(out / "orbax")
+    orbax = checkpoint.load(out / "orbax")
     st = R.load_flat_safetensors(out / "model.safetensors")
     assert sorted(st) == sorted(flatten(orbax))
     for k, v in flatten(orbax).items():
@@ -355,10 +356,10 @@ def test_safetensors_inputs_and_outputs_round_trip(ckpts, tmp_path):
     with safetensors.safe_open(out / "model.safetensors", "numpy") as f:
         meta = f.metadata()
     assert json.loads(meta["recipe"]) == raw and meta["format"] == "flax"
-    assert checkpointing.load_meta(out / "orbax")["recipe"] == raw
+    assert checkpoint.load_meta(out / "orbax")["recipe"] == raw
     assert yaml.safe_load((out / "recipe.yml").read_text()) == raw
     # orbax inputs carry the model's identity to the output
-    assert checkpointing.load_meta(tmp_path / "orbax" / "out" / "orbax")["model"] == "mlp"
+    assert checkpoint.load_meta(tmp_path / "orbax" / "out" / "orbax")["model"] == "mlp"
     # a recipe output directory is itself an input
     again = {"merge_method": "linear", "models": [{"model": str(out)}]}
     _assert_trees_equal(_run(tmp_path / "again", again), from_st)
@@ -393,7 +394,7 @@ def no_reads(monkeypatch):
         raise AssertionError("a checkpoint was read")
 
     monkeypatch.setattr(R.checkpoint_io, "read_model", boom)
-    monkeypatch.setattr(checkpointing, "load", boom)
+    monkeypatch.setattr(checkpoint, "load", boom)
     monkeypatch.setattr(R.checkpoint_io, "load_flat_safetensors", boom)
 
 
@@ -424,7 +425,7 @@ def test_bad_recipes_fail_before_reading_or_writing(ckpts, tmp_path, no_reads, c
 
 def test_mismatched_trees_name_the_leaf(ckpts, tmp_path):
     _, other = _trees(hidden=(8, 9, 8), n=1)
-    checkpointing.save(tmp_path / "wide", other[0])
+    checkpoint.save(tmp_path / "wide", other[0])
     out = tmp_path / "out"
     out.mkdir()
     raw = {"merge_method": "task_arithmetic", "base_model": ckpts["base"],
@@ -481,7 +482,7 @@ def test_cli_help_run_and_error(ckpts, tmp_path):
     assert {v.dtype for v in st.values()} == {np.dtype(np.float16)}
     recipe.write_text(recipe.read_text().replace("dare_linear", "model_stock"))
     r = _cli(recipe, "--out-dir", tmp_path / "bad")
-    assert r.returncode == 1 and "model_stock" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "model_stock" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "bad").exists()
 
 

@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny
+from helpers import Problem, tiny
 
-from mergejax import data, methods, models, specs
-from mergejax.problem import MatchingProblem
+from mergejax import data, models, specs
 from mergejax.repair import repair, reset_batch_stats
 from mergejax.train import TrainSettings, train
 
@@ -157,8 +156,7 @@ def digits_mlps():
 def test_repair_brings_a_merged_mlp_closer_to_the_ensemble(digits_mlps, method):
     model, eps, batches, (xt, _) = digits_mlps
     spec = specs.for_model(model)
-    problem = MatchingProblem(model, spec, eps, spec.space_names, lambda: batches)
-    transforms = methods.get(method).fn("matching")(problem)
+    transforms = Problem(model, spec, eps, spec.space_names, lambda: batches).run(method)
     merged = specs.apply_merge(spec, eps, transforms, tails="average")[0]
     repaired = repair(model, spec, eps, merged, transforms, batches)
     ensemble = np.mean([np.asarray(model.apply(v, xt)) for v in eps], axis=0)

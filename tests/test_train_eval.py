@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mergejax import data, evaluate, models, train
+from mergejax import data, evaluation, models, train
 
 
 def _task_data():
@@ -29,14 +29,14 @@ def test_accuracies_known_answer():
     # head a: classes (0, 1); head b: classes (2, 3)
     pa = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
     pb = np.array([[0.7, 0.3], [0.5, 0.5], [0.1, 0.9], [0.4, 0.6]])
-    m = evaluate.accuracies([pa, pb], tasks, labels, tasks)
+    m = evaluation.accuracies([pa, pb], tasks, labels, tasks)
     # per task: a on its examples (0, 1) right twice; b on (2, 3): predicts 3, 3 -> one right
     assert m["per_task_acc"] == {"task_a": 1.0, "task_b": 0.5}
     assert m["task_avg_acc"] == 0.75
     # joint: ex0 argmax 0.9 -> 0 ok; ex1 0.8 -> 1 ok; ex2 0.9 -> 3 wrong; ex3 0.6 -> 3 ok
     assert m["joint_acc"] == 0.75
     # one head only: the task it does not cover scores 0
-    single = evaluate.accuracies([pa], tasks[:1], labels, tasks)
+    single = evaluation.accuracies([pa], tasks[:1], labels, tasks)
     assert single["per_task_acc"]["task_b"] == 0.0
     assert single["joint_acc"] == 0.5
 
@@ -49,5 +49,5 @@ def test_evaluate_ignores_classes_outside_the_tasks():
                     for k, d in v["params"].items()}}
     v["params"]["linear"]["bias"] = np.array([1.0, 0.0], np.float32)  # always predicts class 7
     labels = np.array([7, 7, 8, 9, 9, 9])
-    m = evaluate.evaluate(model, [(v, (7, 8))], x, labels, [(7, 8)])
+    m = evaluation.evaluate(model, [(v, (7, 8))], x, labels, [(7, 8)])
     assert m["joint_acc"] == 2 / 3

@@ -6,7 +6,7 @@ evaluation pads the last batch and returns a mask.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -55,3 +55,32 @@ def eval_batches(images: np.ndarray, batch_size: int
             chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]),
                                                     chunk.dtype)])
         yield chunk, n
+
+
+def image_batches(images: np.ndarray, batch_size: int, num_batches: int = 0, *, seed: int = 0,
+                  shuffle: bool = True, keep_last: bool = False
+                  ) -> Callable[[], Iterator[np.ndarray]]:
+    """A function returning the same image batches (B, H, W, C) every call.
+
+    Args:
+      images: (N, H, W, C).
+      batch_size: images per batch (at most N).
+      num_batches: the most batches to give (0: all).
+      seed: the shuffle's seed.
+      shuffle: a seeded permutation of the images (False: the images in order).
+      keep_last: give the last, smaller batch too (as a torch DataLoader without drop_last).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    def batches():
+        order = (np.random.default_rng(seed).permutation(len(images)) if shuffle
+                 else np.arange(len(images)))
+        size = min(batch_size, len(images))
+        starts = range(0, len(images) - (0 if keep_last else size - 1), size)
+        for b, start in enumerate(starts):
+            if num_batches and b >= num_batches:
+                return
+            yield images[order[start:start + size]]
+
+    return batches

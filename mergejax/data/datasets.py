@@ -1,8 +1,9 @@
 """Datasets as in-memory numpy splits, looked up by name.
 
 `load(name, data_dir=None) -> Dataset`: images NHWC float32 (normalised), labels int32, fixed
-train / validation / test splits. `digits` is embedded (scikit-learn ships it); CIFAR-10/100 are
-read with `tfds.data_source` (array_record) from a data dir the user prepared offline.
+train / validation / test splits. `digits` is embedded (scikit-learn ships it) and `digits32` is
+it at 32x32x3 (CIFAR architectures run on it unchanged); CIFAR-10/100 are read with
+`tfds.data_source` (array_record) from a data dir the user prepared offline.
 """
 
 from __future__ import annotations
@@ -56,12 +57,12 @@ def _standardise(splits: dict, mean: np.ndarray, std: np.ndarray) -> dict:
             for k, (x, y) in splits.items()}
 
 
-@_LOADERS.decorator("digits")
-def _digits(data_dir: str | None = None, seed: int = 0) -> Dataset:
-    """scikit-learn's 1797 8x8 handwritten digits; fixed stratified 60/15/25 split (seed 0)."""
+def _digits_splits(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's 1797 8x8 digits as `{split: (images (N, 8, 8, 1) in [0, 1], labels)}`:
+    a fixed stratified 60/15/25 split (each class split alike), images in their original order
+    within each split."""
     from sklearn.datasets import load_digits
 
-    del data_dir  # embedded in scikit-learn
     bunch = load_digits()
     images = bunch.images.astype(np.float32)[..., None] / 16.0  # pixel values are 0..16
     labels = bunch.target.astype(np.int32)
@@ -73,10 +74,56 @@ def _digits(data_dir: str | None = None, seed: int = 0) -> Dataset:
         parts["train"].append(idx[:n_train])
         parts["validation"].append(idx[n_train:n_train + n_val])
         parts["test"].append(idx[n_train + n_val:])
-    splits = {s: (images[np.sort(np.concatenate(p))], labels[np.sort(np.concatenate(p))])
-              for s, p in parts.items()}
+    return {s: (images[np.sort(np.concatenate(p))], labels[np.sort(np.concatenate(p))])
+            for s, p in parts.items()}
+
+
+@_LOADERS.decorator("digits")
+def _digits(data_dir: str | None = None, seed: int = 0) -> Dataset:
+    """scikit-learn's 1797 8x8 handwritten digits; fixed stratified 60/15/25 split (seed 0)."""
+    del data_dir  # embedded in scikit-learn
+    splits = _digits_splits(seed)
     mean, std = splits["train"][0].mean(), splits["train"][0].std()
     return Dataset("digits", _standardise(splits, mean, std), 10, "none")
+
+
+def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) float64 weights of 1D linear interpolation with half-pixel centres.
+
+    torch's `F.interpolate(mode="bilinear", align_corners=False)` without `scale_factor`:
+    output pixel o samples the input at src = (o + 0.5) * size_in / size_out - 0.5, clamped
+    below at 0, between floor(src) and the next pixel (the last pixel repeats at the edge).
+    """
+    src = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, size_in - 1)
+    frac = src - lo
+    w = np.zeros((size_out, size_in))
+    np.add.at(w, (np.arange(size_out), lo), 1.0 - frac)
+    np.add.at(w, (np.arange(size_out), hi), frac)
+    return w
+
+
+def upsample_bilinear(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of (N, H, W, C) images to (N, size, size, C), torch's
+    `align_corners=False` semantics, computed in float64 and returned as float32."""
+    rows = bilinear_matrix(images.shape[1], size)
+    cols = bilinear_matrix(images.shape[2], size)
+    out = np.einsum("oh,nhwc,pw->nopc", rows, images.astype(np.float64), cols, optimize=True)
+    return out.astype(np.float32)
+
+
+@_LOADERS.decorator("digits32")
+def _digits32(data_dir: str | None = None, seed: int = 0) -> Dataset:
+    """`digits` (same split) bilinearly upsampled to 32x32 and replicated to 3 channels, so
+    CIFAR architectures run on it unchanged; standardised by the scalar mean and std of the
+    upsampled training pixels."""
+    del data_dir  # embedded in scikit-learn
+    splits = {s: (np.repeat(upsample_bilinear(x, 32), 3, axis=-1), y)
+              for s, (x, y) in _digits_splits(seed).items()}
+    train = splits["train"][0].astype(np.float64)
+    mean, std = np.float32(train.mean()), np.float32(train.std())
+    return Dataset("digits32", _standardise(splits, mean, std), 10, "none")
 
 
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)

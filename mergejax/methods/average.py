@@ -11,7 +11,7 @@ from mergejax.methods.registry import register
 from mergejax.specs import identity_transforms
 
 
-@register("average", "weight_space")
+@register("average", "weight_space", checks={"weights": "[0, inf)"})
 def average(base, finetuned: Sequence, *, key=None, weights: Sequence[float] | None = None):
     """The (weighted) mean of the fine-tuned trees; `base` is not used."""
     del base, key
@@ -22,7 +22,8 @@ def average(base, finetuned: Sequence, *, key=None, weights: Sequence[float] | N
                         *finetuned)
 
 
-@register("average", "matching")
-def average_transforms(problem):
+@register("average", "matching", needs="none")
+def average_transforms(spec, endpoints, statistics, *, key=None, spaces):
     """Identity matching: every feature of every model averaged with its same-index twin."""
-    return identity_transforms(problem.spec, problem.num_models, problem.spaces)
+    del statistics, key
+    return identity_transforms(spec, len(endpoints), spaces)

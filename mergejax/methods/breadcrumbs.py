@@ -9,10 +9,11 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from jax import lax
 
-from mergejax.methods import _task_vectors as tv
+from mergejax.kernels import topk
+from mergejax.methods import task_vectors as tv
 from mergejax.methods.registry import register
 from mergejax.methods.task_arithmetic import UNIT_LAMBDAS
-from mergejax.methods.ties import _check as _ties_check
+from mergejax.methods.ties import check_ties_options
 
 SCOPES = ("row", "tensor")
 MERGES = ("task_arithmetic", "ties")
@@ -62,12 +63,12 @@ class BreadcrumbsMask:
             n_top, n_bot = n_top + n_bot, 0
         if target == 0:
             return zero
-        b = tv.abs_bits(x)
+        b = topk.abs_bits(x)
         keep = jnp.ones(x.shape, bool)
         if n_bot > 0:
-            keep = keep & (b >= tv.kth_smallest_bits(b, n_bot + 1))
+            keep = keep & (b >= topk.kth_smallest_bits(b, n_bot + 1))
         if n_top > 0:  # mergekit's slice [n_bot:-n_top] is empty for n_top = 0: not here
-            keep = keep & (b < tv.kth_smallest_bits(b, n - n_top + 1))
+            keep = keep & (b < topk.kth_smallest_bits(b, n - n_top + 1))
         return jnp.where(keep, x, zero)
 
 
@@ -84,17 +85,16 @@ def breadcrumbs_mask(task_vectors: Sequence, *, density: float = 0.1, gamma: flo
     """The Breadcrumbs-sparsified task vectors (trees), see `breadcrumbs`."""
     density, gamma = _check(density, gamma, scope, "task_arithmetic")
     m = tv.prepare(None, task_vectors, method="breadcrumbs")
-    out = []
-    for t in range(m.num_models):
-        one = tv.Models(m.treedef, m.paths, None, [m.models[t]])
-        out.append(tv.merge_leaves(one, prep=BreadcrumbsMask(density, gamma, scope)))
-    return out
+    prep = BreadcrumbsMask(density, gamma, scope)
+    return [tv.merge_leaves(one, prep=prep) for one in m.each()]
 
 
 @register("breadcrumbs", "weight_space",
-          hparams={"lam": 1.0, "density": 0.1, "gamma": 0.01, "scope": "row",
-                   "merge": "task_arithmetic"},
-          search={"lam": UNIT_LAMBDAS, "density": (0.05, 0.1, 0.15, 0.2)})
+          search={"lam": UNIT_LAMBDAS, "density": (0.05, 0.1, 0.15, 0.2)},
+          checks={"lam": "finite", "density": "(0, 1]", "gamma": "[0, 1)", "scope": SCOPES,
+                  "merge": MERGES, "weights": "finite",
+                  "disjoint": (*tv.DISJOINT, *(f"dis-{d}" for d in tv.DISJOINT)),
+                  "zero_sign": tv.ZERO_SIGN})
 def breadcrumbs(base, finetuned, *, key=None, lam: float = 1.0, density: float = 0.1,
                 gamma: float = 0.01, scope: str = "row", merge: str = "task_arithmetic",
                 weights: Sequence[float] | None = None, disjoint: str = "mean",
@@ -127,6 +127,6 @@ def breadcrumbs(base, finetuned, *, key=None, lam: float = 1.0, density: float =
     prep = BreadcrumbsMask(density, gamma, scope)
     if merge == "task_arithmetic":
         return tv.merge_leaves(m, combine="sum", lam=lam, weights=weights, prep=prep)
-    _, disjoint, _ = _ties_check(1.0, disjoint, zero_sign, "global")
+    _, disjoint, _ = check_ties_options(1.0, disjoint, zero_sign, "global")
     return tv.merge_leaves(m, combine="ties-" + disjoint, zero_sign=zero_sign, lam=lam,
                            prep=prep)

@@ -6,16 +6,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mergejax.methods import _task_vectors as tv
+from mergejax.methods import task_vectors as tv
 from mergejax.methods.registry import register
-from mergejax.methods.tall_masks import _mask, _setup, multitask_vector
+from mergejax.methods.tall_masks import mask_entries, multitask_vector, prepare_masks
 from mergejax.methods.task_arithmetic import UNIT_LAMBDAS
 
 
 def _count(b, fs, mtv, lams):
     c = jnp.zeros(b.shape, jnp.int32)
     for t, f in enumerate(fs):
-        c = c + _mask(b, f, mtv, lams[t]).astype(jnp.int32)
+        c = c + mask_entries(b, f, mtv, lams[t]).astype(jnp.int32)
     return c
 
 
@@ -41,14 +41,15 @@ def consensus_mask(base, finetuned, merged_tv, *, mask_lam=0.6, k: int = 2):
     """Boolean tree: weights selected by at least `k` of the T TALL masks built with
     `mask_lam` (scalar or per task) against `merged_tv`. k = 0 keeps all, k > T none."""
     k = _check_k(k)
-    m, mt, lams = _setup(base, finetuned, merged_tv, mask_lam, "mask_lam")
+    m, mt, lams = prepare_masks(base, finetuned, merged_tv, mask_lam, "mask_lam")
     return m.unflatten(tv.stream(lambda i: _consensus_mask_leaf(*m.leaf(i), mt[i], lams, k),
                                  m.num_leaves))
 
 
 @register("consensus", "weight_space",
-          hparams={"lam": 0.3, "k": 2, "mask_lam": 0.6, "merged": "sum", "density": 0.2},
-          search={"lam": UNIT_LAMBDAS})
+          search={"lam": UNIT_LAMBDAS},
+          checks={"lam": "finite", "k": "int [0, inf)", "mask_lam": "[0, inf)",
+                  "merged": ("sum", "ties"), "density": "(0, 1]"})
 def consensus(base, finetuned, *, key=None, lam: float = 0.3, k: int = 2, mask_lam=0.6,
               merged: str = "sum", density: float = 0.2):
     """Consensus merging: theta_0 + lam * (m_cons * tau_MTL), m_cons = [#TALL masks >= k].
@@ -68,7 +69,7 @@ def consensus(base, finetuned, *, key=None, lam: float = 0.3, k: int = 2, mask_l
     k = _check_k(k)
     lam = tv.check_range("lam", lam)
     mtv = multitask_vector(base, finetuned, merged=merged, density=density)
-    m, mt, lams = _setup(base, finetuned, mtv, mask_lam, "mask_lam")
+    m, mt, lams = prepare_masks(base, finetuned, mtv, mask_lam, "mask_lam")
     lam_j = jnp.float32(lam)
     return m.unflatten(tv.stream(
         lambda i: _consensus_leaf(*m.leaf(i), mt[i], lams, k, lam_j), m.num_leaves))

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mergejax.methods import _task_vectors as tv
+from mergejax.methods import task_vectors as tv
 from mergejax.methods.registry import register
 from mergejax.methods.task_arithmetic import UNIT_LAMBDAS
-from mergejax.methods.ties import _check as _ties_check
+from mergejax.methods.ties import check_ties_options
 
 RESCALES = ("inverse", "l1", "none")
 MERGES = ("task_arithmetic", "ties")
@@ -68,18 +68,16 @@ def dare_drop(task_vectors: Sequence, *, p: float, key, rescale: str = "inverse"
     p = _check(p, rescale, "task_arithmetic")
     m = tv.prepare(None, task_vectors, method="dare")
     keys = tv.model_keys(key, m, key_from)
-    out = []
-    for t in range(m.num_models):
-        one = tv.Models(m.treedef, m.paths, None, [m.models[t]])
-        out.append(tv.merge_leaves(one, prep=DareDrop(), aux=_aux(keys[t:t + 1], p, rescale)))
-    return out
+    return [tv.merge_leaves(one, prep=DareDrop(), aux=_aux(keys[t:t + 1], p, rescale))
+            for t, one in enumerate(m.each())]
 
 
 @register("dare", "weight_space",
-          hparams={"p": 0.5, "lam": 0.3, "rescale": "inverse", "merge": "task_arithmetic",
-                   "density": 1.0, "disjoint": "mean", "zero_sign": "majority",
-                   "scope": "global", "key_from": "index"},
-          search={"p": (0.3, 0.5, 0.7, 0.9), "lam": UNIT_LAMBDAS})
+          search={"p": (0.3, 0.5, 0.7, 0.9), "lam": UNIT_LAMBDAS},
+          checks={"p": "[0, 1]", "lam": "finite", "rescale": RESCALES, "merge": MERGES,
+                  "density": "(0, 1]", "key_from": ("index", "content"),
+                  "disjoint": (*tv.DISJOINT, *(f"dis-{d}" for d in tv.DISJOINT)),
+                  "zero_sign": tv.ZERO_SIGN, "scope": ("global", "tensor")})
 def dare(base, finetuned, *, key=None, p: float = 0.5, lam: float = 0.3,
          rescale: str = "inverse", merge: str = "task_arithmetic", density: float = 1.0,
          disjoint: str = "mean", zero_sign: str = "majority", scope: str = "global",
@@ -108,6 +106,6 @@ def dare(base, finetuned, *, key=None, p: float = 0.5, lam: float = 0.3,
     prep, aux = DareDrop(), _aux(keys, p, rescale)
     if merge == "task_arithmetic":
         return tv.merge_leaves(m, combine="sum", lam=lam, prep=prep, aux=aux)
-    density, disjoint, _ = _ties_check(density, disjoint, zero_sign, scope)
+    density, disjoint, _ = check_ties_options(density, disjoint, zero_sign, scope)
     return tv.merge_leaves(m, combine="ties-" + disjoint, trim=scope, density=density,
                            zero_sign=zero_sign, lam=lam, prep=prep, aux=aux)

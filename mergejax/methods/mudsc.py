@@ -27,10 +27,10 @@ from mergejax.kernels.dual_space import (
     stack_models,
     weight_similarity,
 )
+from mergejax.kernels.keys import seed_from_key
 from mergejax.kernels.permute_match import permute_match
 from mergejax.kernels.zip_match import zip_match
 from mergejax.methods.registry import register
-from mergejax.methods.weight_matching import jax_key_data
 from mergejax.specs import flatten
 
 MATCHERS = ("zip", "permute")
@@ -53,17 +53,28 @@ def _matcher(spec, matcher: str, num_models: int, alpha: float, beta: float, rul
     return match
 
 
-@register("mudsc", "matching",
-          hparams=dict(fix_rate=0.5, matcher="zip", alpha=0.5, beta=1.0, iters=100, tol=5,
-                       use_cos=False, rule="reference"),
-          search=dict(fix_rate=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)))
-def mudsc(problem, *, fix_rate: float = 0.5, matcher: str = "zip", alpha: float = 0.5,
-          beta: float = 1.0, iters: int = 100, tol: int = 5, use_cos: bool = False,
-          rule: str = "reference"):
+def _needs(hparams) -> str:
+    """MuDSC reads activations unless fix_rate is 1, and weights unless it is 0."""
+    fix_rate = hparams.get("fix_rate", 0.5)
+    return "weights" if fix_rate >= 1.0 else "activations" if fix_rate <= 0.0 else "both"
+
+
+@register("mudsc", "matching", needs=_needs,
+          search=dict(fix_rate=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)),
+          checks={"fix_rate": "[0, 1]", "matcher": MATCHERS, "alpha": "finite",
+                  "beta": "[0, inf)", "iters": "int [1, inf)", "tol": "int [1, inf)",
+                  "use_cos": (False, True), "rule": ("reference", "paper")})
+def mudsc(spec, endpoints, statistics, *, key=None, spaces, fix_rate: float = 0.5,
+          matcher: str = "zip", alpha: float = 0.5, beta: float = 1.0, iters: int = 100,
+          tol: int = 5, use_cos: bool = False, rule: str = "reference"):
     """Per space, ZipIt or permutation matching on the weight/activation similarity mix.
 
     Args:
-      problem: a `MatchingProblem` (N endpoints; `problem.spaces` are merged).
+      spec, endpoints: the merge spec and the N endpoints (their `params` are read).
+      statistics: `{space: Moments}` for the spaces of `spaces` with a tap (unused, and may be
+        empty, at fix_rate 1).
+      key: seeds the order in which each sweep visits the spaces.
+      spaces: the spaces to merge.
       fix_rate: weight share of the similarity in [0, 1] (the paper's balance factor alpha).
       matcher: "zip" (ZipIt greedy, MuDSC's default fusion) or "permute" (LAP onto model 0).
       alpha, beta, rule: the zip matcher's hyperparameters (MuDSC's script uses a=0.5, b=1).
@@ -71,7 +82,7 @@ def mudsc(problem, *, fix_rate: float = 0.5, matcher: str = "zip", alpha: float 
       use_cos: cosine instead of Pearson similarity of the weight vectors.
 
     Returns:
-      `{space: (merge (n, N*n), unmerge (N*n, n))}` for every space in `problem.spaces`.
+      `{space: (merge (n, N*n), unmerge (N*n, n))}` for every space in `spaces`.
     """
     if matcher not in MATCHERS:
         raise ValueError(f"matcher must be one of {MATCHERS}, got {matcher!r}")
@@ -79,18 +90,18 @@ def mudsc(problem, *, fix_rate: float = 0.5, matcher: str = "zip", alpha: float 
         raise ValueError(f"fix_rate must be in [0, 1], got {fix_rate}")
     if iters < 1 or tol < 1:
         raise ValueError(f"iters and tol must be >= 1, got {iters} and {tol}")
-    spec, spaces, num_models = problem.spec, list(problem.spaces), problem.num_models
+    spaces, num_models = list(spaces), len(endpoints)
     match = _matcher(spec, matcher, num_models, alpha, beta, rule)
     # fix_rate = 1 never reads activations: don't run the models over the data at all. The
     # similarities live on the host (numpy), where the matchers' assignments run anyway.
-    s_act = ({k: np.asarray(m.corr, np.float32) for k, m in problem.statistics().items()
+    s_act = ({k: np.asarray(m.corr, np.float32) for k, m in statistics.items()
               if k in spaces} if fix_rate < 1.0 else {})
     mats = {s: match(s_act[s], s) for s in spaces if s in s_act}
     # BatchNorm running statistics are not weights (MuDSC `ignore`s them): params only.
     stacked = stack_models([{k: v for k, v in flatten(e).items() if k.startswith("params/")}
-                            for e in problem.endpoints]) if fix_rate > 0.0 else {}
+                            for e in endpoints]) if fix_rate > 0.0 else {}
 
-    rng = np.random.default_rng(int(np.asarray(jax_key_data(problem.key)).ravel()[-1]))
+    rng = np.random.default_rng(seed_from_key(key))
     best, best_score, stale = None, -np.inf, 0
     # fix_rate = 0: S = S_act never changes, so the first sweep is already the fixed point
     for _ in range(1 if fix_rate == 0.0 else iters):

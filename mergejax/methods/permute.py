@@ -8,9 +8,12 @@ from mergejax.kernels.permute_match import permute_match
 from mergejax.methods.registry import register
 
 
-@register("permute", "matching")
-def permute(problem):
-    """Per space, `permute_match` on the correlation of all models' features at its tap."""
-    stats = problem.statistics()
-    return {space: permute_match(stats[space].corr, num_models=problem.num_models)
-            for space in problem.spaces}
+@register("permute", "matching", needs="activations")
+def permute(spec, endpoints, statistics, *, key=None, spaces):
+    """Per space in `spaces`, `permute_match` on the correlation of the N models' features.
+
+    Returns `{space: (merge (n, N*n), unmerge (N*n, n))}`.
+    """
+    del spec, key
+    return {space: permute_match(statistics[space].corr, num_models=len(endpoints))
+            for space in spaces}

@@ -7,7 +7,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from mergejax.methods import _task_vectors as tv
+from mergejax.methods import task_vectors as tv
 from mergejax.methods.registry import register
 
 DOT_THRESHOLD = 0.9995
@@ -50,8 +50,10 @@ def _slerp_leaf(base, a, b, t, *, dot_threshold, eps):
     return (base.astype(dt) + mid).astype(base.dtype)
 
 
-@register("slerp", "weight_space", hparams={"t": 0.5, "of_task_vectors": False},
-          search={"t": tuple(round(0.1 * i, 1) for i in range(1, 10))})
+@register("slerp", "weight_space",
+          search={"t": tuple(round(0.1 * i, 1) for i in range(1, 10))},
+          checks={"t": "[0, 1]", "of_task_vectors": (False, True), "dot_threshold": "[0, 1]",
+                  "eps": "[0, inf)"})
 def slerp(base, finetuned, *, key=None, t: float = 0.5, of_task_vectors: bool = False,
           dot_threshold: float = DOT_THRESHOLD, eps: float = EPS):
     """SLERP between exactly two fine-tuned models, per tensor: t = 0 -> finetuned[0],

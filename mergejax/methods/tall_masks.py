@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.methods import _task_vectors as tv
+from mergejax.methods import task_vectors as tv
 from mergejax.methods.registry import register
 
 MERGED = ("sum", "ties")
@@ -30,7 +30,9 @@ def multitask_vector(base, finetuned, *, merged: str = "sum", density: float = 0
                            zero_sign="majority", add_base=False)
 
 
-def _mask(b, f, mtv, lam):
+def mask_entries(b, f, mtv, lam):
+    """TALL mask of one leaf (boolean, b's shape) from base b, fine-tuned f, tau_MTL mtv and
+    the task's lambda (a scalar array)."""
     # tall_masks `generate_task_masks`, same float32 operations in the same order:
     # |theta_0 - theta_t| > |theta_0 + tau_MTL - theta_t| * lambda_t (strict).
     dt = tv.compute_dtype(b.dtype)
@@ -40,13 +42,13 @@ def _mask(b, f, mtv, lam):
 
 @jax.jit
 def _mask_leaf(b, f, mtv, lam):
-    return _mask(b, f, mtv, lam)
+    return mask_entries(b, f, mtv, lam)
 
 
 @jax.jit
 def _reconstruct_leaf(b, f, mtv, lam):
     dt = tv.compute_dtype(b.dtype)
-    return jnp.where(_mask(b, f, mtv, lam), b.astype(dt) + mtv.astype(dt),
+    return jnp.where(mask_entries(b, f, mtv, lam), b.astype(dt) + mtv.astype(dt),
                      b.astype(dt)).astype(b.dtype)
 
 
@@ -56,7 +58,9 @@ def _apply_mask_leaf(b, m, mtv):
     return jnp.where(m, b.astype(dt) + mtv.astype(dt), b.astype(dt)).astype(b.dtype)
 
 
-def _setup(base, finetuned, merged_tv, lam, name="lam"):
+def prepare_masks(base, finetuned, merged_tv, lam, name="lam"):
+    """(validated models, tau_MTL leaves, per-task lambdas (T,)) for building TALL masks;
+    `name` is the lambda's name in error messages."""
     m = tv.prepare(base, finetuned, method="tall_masks")
     if merged_tv is None:
         raise ValueError("tall_masks: merged_tv (tau_MTL) is required")
@@ -69,7 +73,7 @@ def task_masks(base, finetuned, merged_tv, *, lam=0.6) -> list:
     """The T TALL masks as boolean trees: m_t = |tau_t| > lam_t * |tau_MTL - tau_t|, computed
     exactly as tall_masks does, from the weights: |theta_0 - theta_t| > |theta_0 + tau_MTL -
     theta_t| * lam_t. `lam` is a scalar >= 0 or one value per task."""
-    m, mt, lams = _setup(base, finetuned, merged_tv, lam)
+    m, mt, lams = prepare_masks(base, finetuned, merged_tv, lam)
     return [m.unflatten(tv.stream(
         lambda i, t=t: _mask_leaf(m.base[i], m.models[t][i], mt[i], lams[t]), m.num_leaves))
         for t in range(m.num_models)]
@@ -84,7 +88,7 @@ def packed_task_masks(base, finetuned, *, lam=0.6, merged: str = "sum",
     theta_0 + tau_MTL + T*D/8 bytes instead of T models.
     """
     mtv = multitask_vector(base, finetuned, merged=merged, density=density)
-    m, mt, lams = _setup(base, finetuned, mtv, lam)
+    m, mt, lams = prepare_masks(base, finetuned, mtv, lam)
     rows = []
     for t in range(m.num_models):  # one task at a time: D bytes of bool at once
         leaves = tv.stream(
@@ -103,8 +107,8 @@ def reconstruct(base, merged_tv, mask):
 
 
 @register("tall_masks", "weight_space",
-          hparams={"lam": 0.6, "merged": "sum", "density": 0.2},
-          search={"lam": MASK_LAMBDAS}, per_task_search=True)
+          search={"lam": MASK_LAMBDAS}, per_task_search=True,
+          checks={"lam": "[0, inf)", "merged": MERGED, "density": "(0, 1]"})
 def tall_masks(base, finetuned, *, key=None, lam=0.6, merged: str = "sum",
                density: float = 0.2) -> list:
     """TALL masks: one reconstructed model per task, theta_0 + m_t * tau_MTL.
@@ -122,7 +126,7 @@ def tall_masks(base, finetuned, *, key=None, lam=0.6, merged: str = "sum",
     """
     del key
     mtv = multitask_vector(base, finetuned, merged=merged, density=density)
-    m, mt, lams = _setup(base, finetuned, mtv, lam)
+    m, mt, lams = prepare_masks(base, finetuned, mtv, lam)
     return [m.unflatten(tv.stream(
         lambda i, t=t: _reconstruct_leaf(m.base[i], m.models[t][i], mt[i], lams[t]),
         m.num_leaves)) for t in range(m.num_models)]

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mergejax.methods import _task_vectors as tv
+from mergejax.methods import task_vectors as tv
 from mergejax.methods.registry import register
 
 # tall_masks / Task-Arithmetic repo grid: linspace(0, 1, 11)[1:].
 UNIT_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 
 
-@register("task_arithmetic", "weight_space", hparams={"lam": 0.3},
-          search={"lam": UNIT_LAMBDAS})
+@register("task_arithmetic", "weight_space",
+          search={"lam": UNIT_LAMBDAS}, checks={"lam": "finite", "weights": "finite"})
 def task_arithmetic(base, finetuned, *, key=None, lam: float = 0.3,
                     weights: Sequence[float] | None = None):
     """Task Arithmetic: theta_0 + lam * sum_t w_t (theta_t - theta_0).

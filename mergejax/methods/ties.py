@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mergejax.methods import _task_vectors as tv
+from mergejax.methods import task_vectors as tv
 from mergejax.methods.registry import register
 
 SCOPES = ("global", "tensor")
 TIES_LAMBDAS = tuple(round(0.8 + 0.1 * i, 1) for i in range(18))  # official grid 0.8..2.5
 
 
-def _check(density, disjoint, zero_sign, scope, lam=1.0):
+def check_ties_options(density, disjoint, zero_sign, scope, lam=1.0):
+    """Validated (density, disjoint without a "dis-" prefix, lam) of the TIES options, or a
+    ValueError naming the bad one (shared by dare and breadcrumbs, merge="ties")."""
     density = tv.check_range("density", density, 0, 1, lo_open=True)
     disjoint = disjoint[len("dis-"):] if str(disjoint).startswith("dis-") else disjoint
     tv.check_choice("disjoint", disjoint, tv.DISJOINT)
@@ -28,13 +30,10 @@ def trim_topk(task_vectors: Sequence, density: float = 0.2, *, scope: str = "glo
     are kept; density = 1 keeps all. `scope="global"` ranks over the whole flattened model (TIES
     official code, tall_masks, fusion_bench); `"tensor"` per leaf (mergekit's granularity).
     """
-    density, _, _ = _check(density, "mean", "majority", scope)
+    density, _, _ = check_ties_options(density, "mean", "majority", scope)
     m = tv.prepare(None, task_vectors, method="trim_topk")
-    out = []
-    for t in range(m.num_models):
-        one = tv.Models(m.treedef, m.paths, None, [m.models[t]])
-        out.append(tv.merge_leaves(one, combine="sum", trim=scope, density=density))
-    return out
+    return [tv.merge_leaves(one, combine="sum", trim=scope, density=density)
+            for one in m.each()]
 
 
 def ties_merge_task_vectors(task_vectors: Sequence, *, density: float = 0.2,
@@ -45,16 +44,17 @@ def ties_merge_task_vectors(task_vectors: Sequence, *, density: float = 0.2,
     Equals tall_masks' `ties_merging(flat_task_checks, reset_thresh=K, merge_func="dis-...")`
     with density = `density_from_k(K)`; see `ties` for the options.
     """
-    density, disjoint, _ = _check(density, disjoint, zero_sign, scope)
+    density, disjoint, _ = check_ties_options(density, disjoint, zero_sign, scope)
     m = tv.prepare(None, task_vectors, method="ties")
     return tv.merge_leaves(m, combine="ties-" + disjoint, trim=scope, density=density,
                            zero_sign=zero_sign)
 
 
 @register("ties", "weight_space",
-          hparams={"lam": 1.0, "density": 0.2, "disjoint": "mean", "zero_sign": "majority",
-                   "scope": "global"},
-          search={"lam": TIES_LAMBDAS})
+          search={"lam": TIES_LAMBDAS},
+          checks={"lam": "finite", "density": "(0, 1]", "scope": SCOPES,
+                  "disjoint": (*tv.DISJOINT, *(f"dis-{d}" for d in tv.DISJOINT)),
+                  "zero_sign": tv.ZERO_SIGN})
 def ties(base, finetuned, *, key=None, lam: float = 1.0, density: float = 0.2,
          disjoint: str = "mean", zero_sign: str = "majority", scope: str = "global"):
     """TIES-Merging: theta_0 + lam * disjoint_merge(elect(trim(tau_1..tau_T))).
@@ -78,7 +78,7 @@ def ties(base, finetuned, *, key=None, lam: float = 1.0, density: float = 0.2,
     Streams leaf by leaf (two histogram passes for the global thresholds, one merge pass).
     """
     del key
-    density, disjoint, lam = _check(density, disjoint, zero_sign, scope, lam)
+    density, disjoint, lam = check_ties_options(density, disjoint, zero_sign, scope, lam)
     m = tv.prepare(base, finetuned, method="ties")
     return tv.merge_leaves(m, combine="ties-" + disjoint, trim=scope, density=density,
                            zero_sign=zero_sign, lam=lam)

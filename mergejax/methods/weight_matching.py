@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mergejax.kernels.keys import seed_from_key
 from mergejax.kernels.weight_matching import weight_matching as match_weights
 from mergejax.methods.registry import register
 from mergejax.specs import flatten
@@ -25,21 +26,17 @@ def perms_to_transforms(perms_per_model, widths):
     return out
 
 
-@register("weight_matching", "matching", hparams=dict(max_iter=100))
-def weight_matching(problem, *, max_iter: int = 100):
-    """Per model i >= 1, Git Re-Basin permutations of the merged spaces aligning it to model 0."""
-    spec = problem.spec
+@register("weight_matching", "matching", needs="weights", checks={"max_iter": "int [1, inf)"})
+def weight_matching(spec, endpoints, statistics, *, key=None, spaces, max_iter: int = 100):
+    """Per model i >= 1, Git Re-Basin permutations of `spaces` aligning it to model 0.
+
+    Data-free: `statistics` is not read. `key` seeds the order of the coordinate sweeps.
+    Returns `{space: (merge (n, N*n), unmerge (N*n, n))}` averaging the aligned models.
+    """
+    del statistics
     params = [{k: v for k, v in flatten(e).items() if k.startswith("params/")}
-              for e in problem.endpoints]
-    seed = int(np.asarray(jax_key_data(problem.key)).ravel()[-1])
+              for e in endpoints]
+    seed = seed_from_key(key)
     perms = [match_weights(spec, params[0], p, max_iter=max_iter, seed=seed) for p in params[1:]]
-    widths = {s: spec.space(s).width for s in problem.spaces}
+    widths = {s: spec.space(s).width for s in spaces}
     return perms_to_transforms(perms, widths)
-
-
-def jax_key_data(key):
-    """The raw bits of a PRNG key (new-style or legacy)."""
-    import jax
-
-    return jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) \
-        else key

@@ -3,7 +3,8 @@
 Per feature space, the greedy matcher merges the most correlated pair of features of the N
 models' concatenated activations (same-model pairs allowed up to a budget set by `beta`),
 until n features remain; `alpha` damps the similarity of merged features. Partial zipping is
-a method entry `zipit@space` (handled by the run): layers past `space` stay per model.
+a method entry `zipit@space` (or `spaces="space"` in `mergejax.merge`): later layers stay per
+model.
 """
 
 from __future__ import annotations
@@ -12,14 +13,23 @@ from mergejax.kernels.zip_match import zip_match
 from mergejax.methods.registry import register
 
 
-@register("zipit", "matching", hparams=dict(alpha=0.3, beta=0.125, rule="reference"))
-def zipit(problem, *, alpha: float = 0.3, beta: float = 0.125, rule: str = "reference"):
-    """Per space, `zip_match` on the correlation of all models' features at its tap.
+@register("zipit", "matching", needs="activations",
+          checks={"alpha": "finite", "beta": "[0, inf)", "rule": ("reference", "paper")})
+def zipit(spec, endpoints, statistics, *, key=None, spaces, alpha: float = 0.3,
+          beta: float = 0.125, rule: str = "reference"):
+    """Per space in `spaces`, `zip_match` on the correlation of all models' features at its tap.
 
-    `rule="reference"` reproduces the published code bit for bit; `"paper"` blocks by model of
-    origin and never drops a feature (see `mergejax.kernels.zip_match`).
+    Args:
+      spec, endpoints: the merge spec and the N endpoints (only their number is used).
+      statistics: `{space: Moments}` with `corr (N*n, N*n)` for every space in `spaces`.
+      alpha, beta: ZipIt!'s similarity damping and same-model budget (ZipIt!'s `a`, `b`).
+      rule: "reference" reproduces the published code bit for bit; "paper" blocks by model of
+        origin and never drops a feature (see `mergejax.kernels.zip_match`).
+
+    Returns:
+      `{space: (merge (n, N*n), unmerge (N*n, n))}`.
     """
-    stats = problem.statistics()
-    return {space: zip_match(stats[space].corr, alpha=alpha, beta=beta,
-                             num_models=problem.num_models, rule=rule)
-            for space in problem.spaces}
+    del spec, key
+    return {space: zip_match(statistics[space].corr, alpha=alpha, beta=beta,
+                             num_models=len(endpoints), rule=rule)
+            for space in spaces}

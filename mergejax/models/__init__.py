@@ -14,6 +14,7 @@ from mergejax.models.resnet import ResNet
 from mergejax.models.resnet50 import ResNet50
 from mergejax.models.tv_vgg import TorchvisionVGG
 from mergejax.models.vgg import VGG
+from mergejax.models.vit import ViT
 from mergejax.registry import Registry
 
 _BUILDERS: Registry[Callable[..., Model]] = Registry("model")
@@ -39,6 +40,11 @@ _builder("vgg16", VGG, "classifier", depth=16)
 _builder("resnet50", ResNet50, "fc")
 _builder("tv_vgg16", TorchvisionVGG, "classifier_6", depth=16, batch_norm=False)
 _builder("tv_vgg16_bn", TorchvisionVGG, "classifier_6", depth=16, batch_norm=True)
+_builder("vit", ViT, "head")
+# patch 2 suits the 8x8 digits; pass patch=4 for 28x28 images
+_builder("vit_tiny", ViT, "head", width=32, depth=2, heads=4, patch=2, mlp_ratio=2.0)
+_builder("vit_b16", ViT, "head", width=768, depth=12, heads=12, patch=16, num_classes=1000)
+_builder("vit_b32", ViT, "head", width=768, depth=12, heads=12, patch=32, num_classes=1000)
 
 
 def create(name: str, **kwargs) -> Model:

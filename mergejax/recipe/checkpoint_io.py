@@ -1,9 +1,10 @@
 """Reading inputs and writing flat .safetensors files.
 
-A directory input is an orbax checkpoint of `mergejax.checkpointing` (`{'params': ...,
+A directory input is an orbax checkpoint of `mergejax.io.checkpoint` (`{'params': ...,
 'batch_stats': ...}`) or a recipe output (read through its `model.safetensors`); a `.safetensors`
 file holds the same variables tree flattened to `{'params/dense_0/kernel': array}` ('/'-joined
-key paths, `mergejax.specs.flatten`), dtypes kept exactly (bf16 included).
+key paths, `mergejax.specs.flatten`), dtypes kept exactly (bf16 included). Files go through
+`mergejax.io.safetensors_io`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from mergejax import checkpointing
+from mergejax.io import checkpoint
+from mergejax.io.check import check_tensors
+from mergejax.io.safetensors_io import read_safetensors, write_safetensors
 from mergejax.recipe.schema import RecipeError
 from mergejax.specs import flatten
 
@@ -25,34 +28,34 @@ SAFETENSORS_NAME, ORBAX_NAME, RECIPE_NAME = "model.safetensors", "orbax", "recip
 
 def load_flat_safetensors(path: str | os.PathLike) -> Flat:
     """`{'params/a/kernel': array}` from a flat-layout .safetensors file, dtypes as stored."""
-    import safetensors.numpy
-
     try:
-        return dict(safetensors.numpy.load_file(str(path)))
-    except Exception as e:  # SafetensorError for a cut or foreign file
-        raise RecipeError(f"cannot read {path}: not a readable safetensors file "
-                          f"({type(e).__name__}: {e})") from None
+        return read_safetensors(path)
+    except ValueError as e:  # a cut or foreign file
+        raise RecipeError(str(e)) from None
 
 
 def save_flat_safetensors(path: str | os.PathLike, flat: Mapping[str, Any],
                           metadata: Mapping[str, str] | None = None) -> None:
     """Writes `{'/'-joined path: array}` to `path` with string metadata (format: flax)."""
-    import safetensors.numpy
-
-    # order="C", not ascontiguousarray, which turns 0-d arrays 1-d.
-    arrays = {k: np.asarray(v, order="C") for k, v in flat.items()}
-    safetensors.numpy.save_file(arrays, str(path),
-                                metadata={"format": "flax", **(metadata or {})})
+    write_safetensors(path, flat, fmt="flax", metadata=metadata)
 
 
-def read_model(path: str | os.PathLike) -> tuple[Flat, dict]:
-    """(flat variables, meta) of one input: orbax directory, recipe output or .safetensors."""
+def read_model(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> tuple[Flat, dict]:
+    """(flat variables, meta) of one input: orbax directory, recipe output or .safetensors.
+
+    Dtypes are kept as stored (bf16 included); every tensor must be floating point and, unless
+    `allow_nonfinite`, finite (`mergejax.io.check.check_tensors`, naming the file and key).
+    """
     path = Path(path)
-    if path.is_dir() and not checkpointing.exists(path):
+    if path.is_dir() and not checkpoint.exists(path):
         path = path / SAFETENSORS_NAME  # a recipe output directory
     if path.is_dir():
-        return flatten(checkpointing.load(path)), checkpointing.load_meta(path)
-    return load_flat_safetensors(path), {}
+        return (flatten(checkpoint.load(path, allow_nonfinite=allow_nonfinite)),
+                checkpoint.load_meta(path))
+    flat = check_tensors(load_flat_safetensors(path), str(path),
+                         allow_nonfinite=allow_nonfinite, upcast=False,
+                         integer_ok=lambda key: False)
+    return flat, {}
 
 
 def check_same_trees(named: Sequence[tuple[str, Flat]]) -> None:

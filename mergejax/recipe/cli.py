@@ -1,17 +1,24 @@
-"""The command line: `python -m mergejax.recipe RECIPE.yml --out-dir DIR` (see `parser`)."""
+"""The command line: `python -m mergejax.recipe RECIPE.yml --out-dir DIR` (see `parser`).
+
+Errors are one message on stderr (`mergejax.io.cli_errors.run_cli`): exit 2 for usage errors
+(bad arguments, a bad recipe, a refused --out-dir), 1 for failures (unreadable or broken inputs,
+a non-finite result); `--debug` or MERGEJAX_DEBUG=1 adds the traceback."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from mergejax.io.atomic import remove_stale_temporaries
+from mergejax.io.cli_errors import ArgumentParser, UsageError, run_cli
 from mergejax.recipe import checkpoint_io
 from mergejax.recipe.checkpoint_io import ORBAX_NAME, RECIPE_NAME, SAFETENSORS_NAME
 from mergejax.recipe.output import run
 from mergejax.recipe.resolve import plan
 from mergejax.recipe.schema import DTYPES, METHODS, PARAMETERS, TOP_LEVEL, RecipeError
 from mergejax.recipe.validate import load_recipe
+
+PROG = "python -m mergejax.recipe"
 
 
 def _epilog() -> str:
@@ -27,43 +34,54 @@ def _epilog() -> str:
               "...] (first match wins, '*' = all)",
               f"top-level keys: {', '.join(TOP_LEVEL)}; dtype/out_dtype: {', '.join(DTYPES)}",
               "inputs: orbax checkpoint directories or .safetensors files of flat Flax variables "
-              "('params/dense_0/kernel')"]
+              "('params/dense_0/kernel'); floating point and finite (see --allow-nonfinite)",
+              "exit status: 0 done, 1 failure (unreadable or broken input, non-finite result), "
+              "2 usage error (bad arguments or recipe, refused --out-dir)"]
     return "\n".join(lines)
 
 
 def parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    p = argparse.ArgumentParser(
-        prog="python -m mergejax.recipe", epilog=_epilog(),
+    p = ArgumentParser(
+        prog=PROG, epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Merge Flax checkpoints with a mergekit-style YAML recipe. Writes "
                     f"DIR/{SAFETENSORS_NAME}, DIR/{ORBAX_NAME}/ and DIR/{RECIPE_NAME}.")
     p.add_argument("recipe", help="YAML recipe file")
     p.add_argument("--out-dir", help="output directory (required unless --dry-run)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of DARE's drops (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out-dir (never one holding an input)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="read inputs with NaN/inf values (a non-finite result is still never "
+                        "written)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, load and print the per-tensor plan; write nothing")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (1 with the message on a bad recipe or input)."""
+def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if not args.dry_run and not args.out_dir:
-        parser().error("--out-dir is required (or pass --dry-run)")
-    try:
-        recipe = load_recipe(args.recipe)
-        if args.dry_run:
-            names = sorted(checkpoint_io.read_model(recipe.members[0].path)[0])
-            for i, g in enumerate(plan(recipe, names)):
-                models = "; ".join(f"{m.ref}: {mp}" for m, mp in zip(recipe.members,
-                                                                     g.model_params) if mp)
-                print(f"group {i}: {g.params} {models}\n  " + "\n  ".join(g.names))
-            return 0
-        print(run(recipe, args.out_dir, seed=args.random_seed, overwrite=args.overwrite,
-                  source=Path(args.recipe).read_text()))
-    except (RecipeError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UsageError("--out-dir is required (or pass --dry-run)")
+    if args.out_dir:
+        remove_stale_temporaries(Path(args.out_dir).absolute().parent)
+    recipe = load_recipe(args.recipe)
+    if args.dry_run:
+        names = sorted(checkpoint_io.read_model(recipe.members[0].path,
+                                                allow_nonfinite=args.allow_nonfinite)[0])
+        for i, g in enumerate(plan(recipe, names)):
+            models = "; ".join(f"{m.ref}: {mp}" for m, mp in zip(recipe.members,
+                                                                 g.model_params) if mp)
+            print(f"group {i}: {g.params} {models}\n  " + "\n  ".join(g.names))
+        return 0
+    print(run(recipe, args.out_dir, seed=args.random_seed, overwrite=args.overwrite,
+              source=Path(args.recipe).read_text(), allow_nonfinite=args.allow_nonfinite))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status: 0, 1 (failure) or 2 (usage error: bad arguments,
+    bad recipe, refused --out-dir), with one message on stderr."""
+    return run_cli(_main, argv, prog=PROG, usage=(RecipeError,))

@@ -22,7 +22,7 @@ import numpy as np
 from mergejax.recipe import checkpoint_io
 from mergejax.recipe.checkpoint_io import Flat, check_same_trees
 from mergejax.recipe.resolve import Group, plan
-from mergejax.recipe.schema import _DIV_EPS, Method
+from mergejax.recipe.schema import DIV_EPS, Method
 from mergejax.recipe.validate import Recipe
 from mergejax.specs import flatten, unflatten
 
@@ -35,7 +35,7 @@ def _fn(name: str):
 
 def _divisor(weights: Sequence[float]) -> float:
     s = float(sum(weights))
-    return 1.0 if abs(s) < _DIV_EPS else s
+    return 1.0 if abs(s) < DIV_EPS else s
 
 
 def _merge_group(method: Method, base, members: list, g: Group, key):
@@ -86,7 +86,7 @@ def _merge_per_model(method: Method, base, members: list, g: Group, key):
     by the sum of the (agreeing) weights if `normalize`."""
     import jax
 
-    from mergejax.methods import _task_vectors as tv
+    from mergejax.methods import task_vectors as tv
     from mergejax.methods.breadcrumbs import breadcrumbs_mask
     from mergejax.methods.dare import dare_drop
     from mergejax.methods.ties import trim_topk
@@ -134,11 +134,13 @@ def _dtype(name: str | None):
     return None if name is None else np.dtype(jnp.dtype(name))
 
 
-def merge(recipe: Recipe, *, seed: int = 0) -> tuple[Flat, dict]:
+def merge(recipe: Recipe, *, seed: int = 0, allow_nonfinite: bool = False
+          ) -> tuple[Flat, dict]:
     """Loads the inputs, plans and merges; returns (flat merged variables, info).
 
     `seed` seeds DARE: group i (in `plan` order) uses `fold_in(jax.random.key(seed), i)`.
-    `info` holds the plan summary and the input meta used for the output.
+    `info` holds the plan summary and the input meta used for the output. Inputs must be
+    floating point and finite unless `allow_nonfinite` (`checkpoint_io.read_model`).
     """
     import jax
 
@@ -146,7 +148,7 @@ def merge(recipe: Recipe, *, seed: int = 0) -> tuple[Flat, dict]:
     loaded: dict[Path, tuple[Flat, dict]] = {}
     for e in entries:
         if e.path not in loaded:
-            loaded[e.path] = checkpoint_io.read_model(e.path)
+            loaded[e.path] = checkpoint_io.read_model(e.path, allow_nonfinite=allow_nonfinite)
     check_same_trees([(e.ref, loaded[e.path][0]) for e in entries])
     in_dtypes = {k: v.dtype for k, v in loaded[entries[0].path][0].items()}
 
@@ -169,7 +171,8 @@ def merge(recipe: Recipe, *, seed: int = 0) -> tuple[Flat, dict]:
             value = np.asarray(value)
             if recipe.dtype:  # results are in the compute dtype (as mergekit), then stored
                 value = value.astype(_dtype(recipe.dtype))
-            out[name] = value.astype(in_dtypes[name] if recipe.out_dtype is None
-                                     else _dtype(recipe.out_dtype))
+            with np.errstate(over="ignore"):  # an overflow is refused before writing (output)
+                out[name] = value.astype(in_dtypes[name] if recipe.out_dtype is None
+                                         else _dtype(recipe.out_dtype))
     meta = loaded[entries[0].path][1]
     return out, {"groups": groups, "input_meta": meta, "seed": seed}

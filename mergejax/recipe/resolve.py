@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mergejax.recipe.schema import _DIV_EPS, PARAMETERS, RecipeError
+from mergejax.recipe.schema import DIV_EPS, PARAMETERS, RecipeError
 from mergejax.recipe.validate import Recipe
 
 HEADS = ("linear", "fc", "classifier", "head", "lm_head")
@@ -116,7 +116,7 @@ def plan(recipe: Recipe, names: Sequence[str]) -> list[Group]:
         per_model = tuple({p: _resolve(recipe, name, t, p, m.parameters) for p in scoped["model"]}
                           for m in recipe.members)
         if recipe.method.name == "linear" and params["normalize"]:
-            if abs(sum(m["weight"] for m in per_model)) < _DIV_EPS:
+            if abs(sum(m["weight"] for m in per_model)) < DIV_EPS:
                 raise RecipeError(f"linear: the weights sum to 0 for tensor {name!r}; cannot "
                                   "normalize (set normalize: false or change the weights)")
         key = (tuple(sorted(params.items())), tuple(tuple(sorted(m.items())) for m in per_model))

@@ -71,11 +71,11 @@ PARAMETERS: dict[str, tuple[str, str, Any, str]] = {
 }
 DTYPES = ("float32", "float16", "bfloat16")
 TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
-_MERGEKIT_ONLY = ("slices", "modules", "tokenizer", "tokenizer_source", "chat_template")
-_DIV_EPS = 1e-8  # mergekit: |sum of weights| below this divides by 1
+MERGEKIT_ONLY = ("slices", "modules", "tokenizer", "tokenizer_source", "chat_template")
+DIV_EPS = 1e-8  # mergekit: |sum of weights| below this divides by 1
 
 
-def _range(method: str, name: str):
+def param_range(method: str, name: str):
     """(lo, hi, lo_open, hi_open) of a numeric parameter, or None for any finite value."""
     if name == "density":
         return (0, 1, False, False) if method.startswith("dare") else (0, 1, True, False)

@@ -13,17 +13,17 @@ from typing import Any
 
 import yaml
 
-from mergejax import checkpointing
+from mergejax.io import checkpoint
 from mergejax.recipe.checkpoint_io import SAFETENSORS_NAME
 from mergejax.recipe.schema import (
-    _MERGEKIT_ONLY,
     DTYPES,
+    MERGEKIT_ONLY,
     METHODS,
     PARAMETERS,
     TOP_LEVEL,
     Method,
     RecipeError,
-    _range,
+    param_range,
 )
 
 
@@ -71,7 +71,7 @@ def _check_scalar(method: str, name: str, v) -> str | None:
         return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
     if not _is_number(v) or not math.isfinite(v):
         return f"must be a finite number, got {v!r}"
-    rng = _range(method, name)
+    rng = param_range(method, name)
     if rng is not None:
         lo, hi, lo_open, hi_open = rng
         if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
@@ -113,9 +113,9 @@ def _is_gradient(v) -> bool:
 def _input_error(path: Path) -> str | None:
     """Why `path` is not a readable input, or None."""
     if path.is_dir():
-        if checkpointing.exists(path) or (path / SAFETENSORS_NAME).is_file():
+        if checkpoint.exists(path) or (path / SAFETENSORS_NAME).is_file():
             return None
-        return (f"{path} is a directory but not an orbax checkpoint of mergejax.checkpointing "
+        return (f"{path} is a directory but not an orbax checkpoint of mergejax.io.checkpoint "
                 f"(meta.json + state/) nor a recipe output ({SAFETENSORS_NAME})")
     if not path.exists():
         return f"{path} does not exist"
@@ -137,7 +137,7 @@ def parse(raw: Any, *, check_files: bool = True) -> Recipe:
         raise RecipeError(f"a recipe must be a mapping, got {type(raw).__name__}")
     errs: list[str] = []
     for key in raw:
-        if key in _MERGEKIT_ONLY:
+        if key in MERGEKIT_ONLY:
             errs.append(f"'{key}' is a mergekit option that mergejax.recipe does not support "
                         f"(supported keys: {', '.join(TOP_LEVEL)})")
         elif key not in TOP_LEVEL:

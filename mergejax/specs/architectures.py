@@ -7,7 +7,7 @@ from collections.abc import Callable
 from mergejax.models import Model
 from mergejax.models.vgg import CONFIGS
 from mergejax.registry import Registry
-from mergejax.specs.spec import MergeSpec, SpecBuilder
+from mergejax.specs.spec import Axis, MergeSpec, SpecBuilder
 
 _SPECS: Registry[Callable[[Model], MergeSpec]] = Registry("merge spec")
 
@@ -125,3 +125,69 @@ def resnet50_spec(model: Model) -> MergeSpec:
         prev = stream
     b.head("fc", prev)
     return b.build()
+
+
+def vit_spec(model: Model) -> MergeSpec:
+    """ViT (`mergejax.models.vit`): one residual stream, and per block one attention space and
+    one MLP hidden space.
+
+    - `stream` (width D) is shared by everything that reads or writes the residual stream: the
+      patch embedding's outputs, the class token, the position embeddings, every LayerNorm's
+      scale and bias, the projections that write it (attn/proj, mlp/fc2), those that read it
+      (attn/q, k, v, mlp/fc1), the final LayerNorm, and the head (which consumes it).
+    - `blocks_{i}/attn` (D, `groups=heads`): produced by q, k and v (kernels and biases) alike,
+      consumed by attn/proj. Group matching moves heads as units, so head h of the merged model
+      reads one head of each endpoint, in q, k and v alike.
+    - `blocks_{i}/mlp` (D * mlp_ratio): produced by fc1, consumed by fc2; its `pre_tap` (fc1's
+      output before the GELU) is where REPAIR rescales (folded into fc1).
+
+    Why one tied attention space. Head h's attention pattern (from q_h and k_h) weighs head h's
+    values, so a function-preserving alignment must pair heads the same way in q/k and in v/proj.
+    Two independent head-grouped spaces (query/key, value/output, as in MuDSC's ViT spec) are
+    matched independently and pair heads differently (e.g. query/key head order [0, 2, 3, 1]
+    against value head order [1, 0, 3, 2]): on digits 5+5 (`configs/digits_vit.py`) model B moved
+    by its own MuDSC-permute alignment fell from 97.8% to 51.7%, and the tied space merged better
+    in every MuDSC setting tried (task avg, permute fix_rate 0: 34.1 -> 44.4; zip fix_rate 0:
+    46.9 -> 53.8). The price of the simple spec: inside a head, v's channels are permuted with q's
+    and k's, although any within-head permutation of v (with proj's input) would keep the
+    function independently of q/k's. The finer spec -- one head pairing shared by a query/key and
+    a value/output space, each with its own within-head permutations -- needs a spec-level tie
+    between spaces, which is not built.
+
+    Taps. `stream` pools the residual stream after the embedding and after every block, all
+    tokens (B*T*(depth+1) rows): one transform acts on the stream at every depth, so every depth
+    should vote; ZipIt! likewise observes a ResNet stream where its layers read it. MuDSC's code
+    instead hooks the head's input (the final-LayerNorm class token; tap `head_input`), which sees
+    one token of the last block only. `attn` pools, as rows of one D-wide feature, the queries,
+    the keys and the attention output (attn/proj's input, each head a mix of that head's values)
+    of every token (tap `blocks_{i}/attn/qko`), so its statistics see every role of the space
+    (MuDSC's ViT builder hooks the keys only, its Swin builder queries and keys, and proj's input
+    separately); `mlp` is the post-GELU hidden (fc2's input).
+    """
+    m = model.module
+    d = m.width
+    b = SpecBuilder()
+    stream = b.space("stream", d, "stream")
+    b.conv("patch_embed", None, stream, bias=True)
+    if m.pool == "cls":
+        b.leaf("params/cls_token", Axis(2, stream, True))
+    b.leaf("params/pos_embed", Axis(2, stream, True))
+    for i in range(m.depth):
+        blk = f"blocks_{i}"
+        attn = b.space(f"{blk}/attn", d, f"{blk}/attn/qko", groups=m.heads)
+        mlp = b.space(f"{blk}/mlp", m.mlp_hidden, f"{blk}/mlp/hidden",
+                      pre_tap=f"{blk}/mlp/pre_hidden")
+        b.norm(f"{blk}/norm1", stream, running_stats=False)
+        for name in ("q", "k", "v"):
+            b.dense(f"{blk}/attn/{name}", stream, attn)
+        b.dense(f"{blk}/attn/proj", attn, stream)
+        b.norm(f"{blk}/norm2", stream, running_stats=False)
+        b.dense(f"{blk}/mlp/fc1", stream, mlp)
+        b.dense(f"{blk}/mlp/fc2", mlp, stream)
+    b.norm("norm", stream, running_stats=False)
+    b.head("head", stream)
+    return b.build()
+
+
+for _name in ("vit", "vit_tiny", "vit_b16", "vit_b32"):
+    register(_name)(vit_spec)

@@ -142,23 +142,23 @@ class SpecBuilder:
             raise ValueError(f"leaf {path} added twice")
         self._leaves[path] = tuple(axes)
 
-    def conv(self, path: str, space_in: str | None, space_out: str, bias: bool = False) -> None:
-        """An HWIO conv kernel: consumes `space_in` (None: raw input), produces `space_out`."""
-        axes = [Axis(3, space_out, True)]
+    def _kernel(self, path: str, space_in: str | None, space_out: str, in_axis: int,
+                bias: bool) -> None:
+        """A kernel whose axis `in_axis` consumes `space_in` and last axis produces `space_out`."""
+        axes = [Axis(in_axis + 1, space_out, True)]
         if space_in is not None:
-            axes.insert(0, Axis(2, space_in, False))
+            axes.insert(0, Axis(in_axis, space_in, False))
         self.leaf(f"params/{path}/kernel", *axes)
         if bias:
             self.leaf(f"params/{path}/bias", Axis(0, space_out, True))
 
+    def conv(self, path: str, space_in: str | None, space_out: str, bias: bool = False) -> None:
+        """An HWIO conv kernel: consumes `space_in` (None: raw input), produces `space_out`."""
+        self._kernel(path, space_in, space_out, 2, bias)
+
     def dense(self, path: str, space_in: str | None, space_out: str, bias: bool = True) -> None:
         """An (in, out) dense kernel; `space_in` None for a flattened raw input."""
-        axes = [Axis(1, space_out, True)]
-        if space_in is not None:
-            axes.insert(0, Axis(0, space_in, False))
-        self.leaf(f"params/{path}/kernel", *axes)
-        if bias:
-            self.leaf(f"params/{path}/bias", Axis(0, space_out, True))
+        self._kernel(path, space_in, space_out, 0, bias)
 
     def norm(self, path: str, space: str, running_stats: bool = True) -> None:
         """Norm scale/bias (and BatchNorm mean/var) along `space`."""

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch_models as tm
 
-from mergejax import checkpointing, models
+from mergejax import models
 from mergejax.converters import architectures, load_state_dict
+from mergejax.io import checkpoint
 
 
 def _cli(*args):
@@ -34,13 +35,13 @@ def test_round_trip_through_orbax(tmp_path):
     out = _cli("to-flax", "--arch", "mlp", "--num-classes", "3", "--model-arg", "hidden=[8,6]",
                "--input-shape", "4,4,3", tmp_path / "in.pth", tmp_path / "ckpt")
     assert out.returncode == 0, out.stderr
-    meta = checkpointing.load_meta(tmp_path / "ckpt")
+    meta = checkpoint.load_meta(tmp_path / "ckpt")
     assert meta["arch"] == "mlp" and meta["model_kwargs"] == {"num_classes": 3, "hidden": [8, 6]}
 
     # The orbax checkpoint is an ordinary mergejax one: same logits as torch.
     x = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
     logits = models.create("mlp", num_classes=3, hidden=(8, 6)).apply(
-        checkpointing.load(tmp_path / "ckpt"), x)
+        checkpoint.load(tmp_path / "ckpt"), x)
     with torch.no_grad():
         expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     np.testing.assert_allclose(logits, expected, atol=1e-5)

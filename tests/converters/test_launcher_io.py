@@ -9,8 +9,9 @@ torch = pytest.importorskip("torch")
 
 from torch_models import ZipItResNet, randomize  # noqa: E402
 
-from mergejax import checkpointing, converters, data, evaluate, experiment  # noqa: E402
+from mergejax import converters, data, evaluation, experiment  # noqa: E402
 from mergejax.config_lib import load_config_file  # noqa: E402
+from mergejax.io import checkpoint  # noqa: E402
 from mergejax.models import create  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,13 +46,13 @@ def test_torch_endpoints_in_merged_models_out(tmp_path):
     model = create("resnet20", width=1, num_classes=5)
     va = converters.from_torch(converters.load_state_dict(paths[0]), "resnet20", width=1,
                                num_classes=5, input_shape=(8, 8, 1))
-    expected = evaluate.evaluate(model, [(va, tasks[0])], *ds.splits["test"], tasks)
+    expected = evaluation.evaluate(model, [(va, tasks[0])], *ds.splits["test"], tasks)
     assert rows[0]["joint_acc"] == expected["joint_acc"]
     # the exported merged heads give the same logits in torch as in flax
     out = work / "export" / "zipit"
     x = ds.splits["test"][0][:6]
     for head in (0, 1):
-        flax_vars = checkpointing.load(out / f"head_{head}")
+        flax_vars = checkpoint.load(out / f"head_{head}")
         flax_logits = np.asarray(model.apply(flax_vars, x))
         for ext in ("pt", "safetensors"):
             net = ZipItResNet(depth=20, w=1, num_classes=5)

@@ -14,6 +14,7 @@ from mergejax.kernels.dual_space import (
     weight_similarity,
 )
 from mergejax.kernels.permute_match import permute_match
+from mergejax.kernels.transforms import merge_from_unmerge
 from mergejax.kernels.zip_match import zip_match
 from mergejax.specs import Axis, MergeSpec, Space
 
@@ -43,8 +44,7 @@ def _uneven_zip_transform():
     unmerge = np.zeros((8, 4), np.float32)
     for c, members in enumerate(clusters):
         unmerge[members, c] = 1.0
-    merge = (unmerge / (unmerge.sum(0, keepdims=True) + 1e-5)).T
-    return merge, unmerge
+    return merge_from_unmerge(unmerge), unmerge
 
 
 def test_weight_rows_use_merge_on_inputs_and_unmerge_on_outputs():
@@ -87,7 +87,7 @@ def test_permuted_neighbours_reduce_to_git_rebasin_alignment():
     transforms = {}
     for s in ("h0", "h2"):
         unmerge = np.concatenate([np.eye(n), np.eye(n)[np.argsort(perm[s])].T]).astype(np.float32)
-        transforms[s] = ((unmerge / (unmerge.sum(0, keepdims=True) + 1e-5)).T, unmerge)
+        transforms[s] = (merge_from_unmerge(unmerge), unmerge)
     sim = weight_similarity(spec, stack_models([pa, pb]), "h1", transforms)
     col = np.argsort(perm["h1"])  # B feature col[r] is A feature r
     np.testing.assert_allclose(sim[np.arange(n), n + col], 1.0, atol=1e-5)

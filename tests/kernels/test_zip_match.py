@@ -135,17 +135,19 @@ def test_golden_paper_rule(golden):
 # agreement with the oracle
 
 
+def _check_vs_oracle(corr, num_models, rule):
+    for alpha, beta in ALPHA_BETA:
+        got = _run(corr, alpha, beta, num_models, rule)
+        _assert_same(got, zipit_oracle(corr, alpha, beta, num_models, rule=rule))
+        _check_invariants(*got, allow_dropped=rule == "reference")
+
+
 @pytest.mark.parametrize("rule", ["reference", "paper"])
 @pytest.mark.parametrize("num_models,n", [(2, 16), (3, 16)])
 def test_random_vs_oracle(rule, num_models, n):
     rng = np.random.default_rng(100 * num_models + n)
     for _ in range(3):
-        corr = _random_corr(rng, num_models, n)
-        for alpha, beta in ALPHA_BETA:
-            got = _run(corr, alpha, beta, num_models, rule)
-            want = zipit_oracle(corr, alpha, beta, num_models, rule=rule)
-            _assert_same(got, want)
-            _check_invariants(*got, allow_dropped=rule == "reference")
+        _check_vs_oracle(_random_corr(rng, num_models, n), num_models, rule)
 
 
 @pytest.mark.parametrize("rule", ["reference", "paper"])
@@ -153,12 +155,7 @@ def test_random_vs_oracle(rule, num_models, n):
 def test_ties_vs_oracle(rule, num_models, n):
     rng = np.random.default_rng(7 + num_models)
     for _ in range(4):
-        corr = _tied_corr(rng, num_models * n)
-        for alpha, beta in ALPHA_BETA:
-            got = _run(corr, alpha, beta, num_models, rule)
-            want = zipit_oracle(corr, alpha, beta, num_models, rule=rule)
-            _assert_same(got, want)
-            _check_invariants(*got, allow_dropped=rule == "reference")
+        _check_vs_oracle(_tied_corr(rng, num_models * n), num_models, rule)
 
 
 def test_asymmetric_input_vs_oracle():

@@ -136,5 +136,6 @@ def test_bad_inputs():
 def test_registered():
     m = methods.get("breadcrumbs")
     assert m.hparams == {"lam": 1.0, "density": 0.1, "gamma": 0.01, "scope": "row",
-                         "merge": "task_arithmetic"}
+                         "merge": "task_arithmetic", "weights": None, "disjoint": "mean",
+                         "zero_sign": "majority"}
     assert "lam" in m.search

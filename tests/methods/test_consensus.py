@@ -1,23 +1,16 @@
 """Consensus merging: golden masks, k=0 / k>T limits, equivalence with TA / TIES."""
 
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers import random_trees
 
 from mergejax import methods
 from mergejax.methods.consensus import consensus, consensus_mask
 from mergejax.methods.tall_masks import multitask_vector, task_masks
 from mergejax.methods.task_arithmetic import task_arithmetic
 from mergejax.methods.ties import ties
-
-GOLDEN = Path(__file__).parent.parent / "data" / "tall_weightspace.npz"
-
-
-@pytest.fixture(scope="module")
-def golden():
-    return dict(np.load(GOLDEN))
 
 
 @pytest.mark.parametrize("merged", ["sum", "ties20"])
@@ -32,12 +25,7 @@ def test_consensus_masks_match_golden(golden, merged, lam):
 
 
 def _models(n=3, seed=0):
-    rng = np.random.default_rng(seed)
-    base = {"a": rng.standard_normal((12, 9)).astype(np.float32),
-            "b": rng.standard_normal(17).astype(np.float32)}
-    fts = [jax.tree.map(lambda x: (x + rng.standard_normal(x.shape)).astype(np.float32), base)
-           for _ in range(n)]
-    return base, fts
+    return random_trees({"a": (12, 9), "b": (17,)}, n, seed)
 
 
 def _close(a, b, atol=1e-6):

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from helpers import random_trees
 
 from mergejax import methods
 from mergejax.methods.dare import dare, dare_drop
@@ -13,12 +14,7 @@ KEY = jax.random.key(0)
 
 
 def _trees(n_models=3, seed=0):
-    rng = np.random.default_rng(seed)
-    base = {"w": rng.standard_normal((30, 20)).astype(np.float32),
-            "b": rng.standard_normal(25).astype(np.float32)}
-    fts = [jax.tree.map(lambda x: (x + rng.standard_normal(x.shape)).astype(np.float32), base)
-           for _ in range(n_models)]
-    return base, fts
+    return random_trees({"w": (30, 20), "b": (25,)}, n_models, seed)
 
 
 def _equal(a, b):

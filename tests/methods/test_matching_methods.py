@@ -3,18 +3,17 @@
 import jax
 import numpy as np
 import pytest
-from helpers import tiny
+from helpers import Problem, tiny
 
 from mergejax import methods, specs
-from mergejax.problem import MatchingProblem
-from mergejax.statistics import collect
+from mergejax.statistics import StatisticsCache, collect
 
 
 def _problem(model, endpoints, x, spaces=None):
     spec = specs.for_model(model)
     rng = np.random.default_rng(0)
     noisy = [x + 0.5 * rng.normal(size=x.shape).astype(np.float32) for _ in range(3)]
-    return MatchingProblem(model, spec, endpoints, spaces or spec.space_names,
+    return Problem(model, spec, endpoints, spaces or spec.space_names,
                            lambda: iter([x, *noisy]))
 
 
@@ -41,7 +40,7 @@ def test_merging_a_model_with_itself_returns_it(name):
     model, v, x = _plain("mlp", seed=4)
     problem = _problem(model, [v, v], x)
     assert _dead_units(problem) == 0
-    transforms = methods.get(name).fn("matching")(problem, **methods.get(name).hparams)
+    transforms = problem.run(name)
     for space, (_, unmerge) in transforms.items():  # every feature merged with its twin only
         n = problem.spec.space(space).width
         np.testing.assert_array_equal(np.asarray(unmerge)[:n], np.asarray(unmerge)[n:])
@@ -61,8 +60,8 @@ def test_merging_with_a_permuted_copy_recovers_the_model(name):
     problem = _problem(model, [v, pv], x)
     # ResNet streams have dead units at random init; alpha=0 stops ZipIt! from re-merging
     # merged features, so dead units pair with dead units (harmless) instead.
-    hparams = {**methods.get(name).hparams, **({"alpha": 0.0} if name == "zipit" else {})}
-    transforms = methods.get(name).fn("matching")(problem, **hparams)
+    hparams = {"alpha": 0.0} if name == "zipit" else {}
+    transforms = problem.run(name, **hparams)
     merged = specs.apply_merge(spec, [v, pv], transforms)
     np.testing.assert_allclose(_logits(model, merged[0], x), _logits(model, v, x),
                                rtol=1e-3, atol=1e-3)
@@ -97,7 +96,7 @@ def test_partial_zip_gives_per_model_tails():
     _, vb, _ = tiny("resnet20", seed=1)
     spec = specs.for_model(model)
     problem = _problem(model, [va, vb], x, spaces=spec.prefix("stream1"))
-    transforms = methods.get("zipit").fn("matching")(problem)
+    transforms = problem.run("zipit")
     assert set(transforms) == set(spec.prefix("stream1"))
     a, b = specs.apply_merge(spec, [va, vb], transforms)
     np.testing.assert_array_equal(a["params"]["conv1"]["kernel"], b["params"]["conv1"]["kernel"])
@@ -105,18 +104,36 @@ def test_partial_zip_gives_per_model_tails():
                            b["params"]["layer3_0"]["conv1"]["kernel"])
 
 
-def test_problems_sharing_a_cache_collect_statistics_once():
+def test_a_statistics_cache_collects_each_space_once():
     model, va, x = _plain("mlp", seed=4)
     _, vb, _ = _plain("mlp", seed=1)
     spec = specs.for_model(model)
     calls = []
-    batches = lambda: calls.append(1) or iter([x])
-    cache = {}
-    partial = MatchingProblem(model, spec, [va, vb], spec.prefix("hidden0"), batches,
-                              stats_cache=cache)
-    assert set(partial.statistics()) == {"hidden0"}
-    full = MatchingProblem(model, spec, [va, vb], spec.space_names, batches, stats_cache=cache)
-    stats = full.statistics()
+    cache = StatisticsCache(model, spec, [va, vb], lambda: calls.append(1) or iter([x]))
+    assert set(cache.get(spec.prefix("hidden0"))) == {"hidden0"}
+    stats = cache.get(spec.space_names)
     assert set(stats) == {"hidden0", "hidden1"} and len(calls) == 2  # only hidden1 was new
-    again = MatchingProblem(model, spec, [va, vb], spec.space_names, batches, stats_cache=cache)
-    assert again.statistics()["hidden1"] is stats["hidden1"] and len(calls) == 2
+    assert cache.get(spec.space_names)["hidden1"] is stats["hidden1"] and len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["average", "weight_matching"])
+def test_methods_that_read_no_activations_never_run_the_models(name):
+    model, va, x = _plain("mlp", seed=4)
+    _, vb, _ = _plain("mlp", seed=1)
+    spec = specs.for_model(model)
+
+    def no_data():
+        raise AssertionError(f"{name} must not read activations")
+
+    transforms = Problem(model, spec, [va, vb], spec.space_names, no_data).run(name)
+    assert set(transforms) == set(spec.space_names)
+
+
+def test_hyperparameter_defaults_come_from_the_signature():
+    zipit = methods.get("zipit")
+    assert zipit.hparams == {"alpha": 0.3, "beta": 0.125, "rule": "reference"}
+    assert "search" not in methods.get("ties").hparams and methods.get("ties").search
+    with pytest.raises(TypeError, match="ZipIt!'s name for 'alpha'"):
+        zipit.check_hparams("matching", {"a": 0.5})
+    assert methods.get("mudsc").reads({"fix_rate": 1.0}) == "weights"
+    assert methods.get("mudsc").reads({"fix_rate": 0.5}) == "both"

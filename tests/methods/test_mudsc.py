@@ -4,12 +4,9 @@ import dataclasses
 
 import numpy as np
 import pytest
-from helpers import tiny
+from helpers import Problem, tiny
 
 from mergejax import methods, specs
-from mergejax.problem import MatchingProblem
-
-MUDSC = methods.get("mudsc").fn("matching")
 
 
 def _batches(x, seed=0):
@@ -28,7 +25,7 @@ def resnet_pair():
     model, va, x = tiny("resnet20", seed=0)
     _, vb, _ = tiny("resnet20", seed=1)
     spec = specs.for_model(model)
-    return MatchingProblem(model, spec, [va, vb], spec.space_names, _batches(x)), x
+    return Problem(model, spec, [va, vb], spec.space_names, _batches(x)), x
 
 
 def _assert_same(got, want):
@@ -52,18 +49,18 @@ def test_registered_with_its_hyperparameters():
 ])
 def test_fix_rate_zero_is_the_activation_only_matcher(resnet_pair, matcher, plain, hparams):
     problem, _ = resnet_pair
-    want = methods.get(plain).fn("matching")(problem, **hparams)
-    got = MUDSC(problem, fix_rate=0.0, matcher=matcher, **hparams)
+    want = problem.run(plain, **hparams)
+    got = problem.run("mudsc", fix_rate=0.0, matcher=matcher, **hparams)
     _assert_same(got, want)
     if matcher == "zip":  # ...and the weight term does change the result
-        mixed = MUDSC(problem, fix_rate=0.5, matcher=matcher, iters=2, **hparams)
+        mixed = problem.run("mudsc", fix_rate=0.5, matcher=matcher, iters=2, **hparams)
         assert any(not np.array_equal(np.asarray(mixed[s][1]), np.asarray(want[s][1]))
                    for s in want)
 
 
 def test_end_to_end_on_resnet20_keeps_shapes(resnet_pair):
     problem, x = resnet_pair
-    transforms = MUDSC(problem, **{**methods.get("mudsc").hparams, "iters": 3})
+    transforms = problem.run("mudsc", **{**methods.get("mudsc").hparams, "iters": 3})
     assert set(transforms) == set(problem.spaces)
     for space, (merge, unmerge) in transforms.items():
         n = problem.spec.space(space).width
@@ -89,8 +86,8 @@ def _planted_mlp(seed=3, spec=None):
 @pytest.mark.parametrize("matcher", ["permute", "zip"])
 def test_pure_weight_matching_recovers_a_permuted_copy(matcher):
     model, spec, v, pv, perms, x = _planted_mlp()
-    problem = MatchingProblem(model, spec, [v, pv], spec.space_names, _no_data)
-    transforms = MUDSC(problem, fix_rate=1.0, matcher=matcher)
+    problem = Problem(model, spec, [v, pv], spec.space_names, _no_data)
+    transforms = problem.run("mudsc", fix_rate=1.0, matcher=matcher)
     for space, (_, unmerge) in transforms.items():
         n = spec.space(space).width
         np.testing.assert_array_equal(np.asarray(unmerge)[:n], np.eye(n), err_msg=space)
@@ -105,8 +102,9 @@ def test_pure_weight_matching_recovers_a_permuted_copy(matcher):
 def test_same_key_same_result():
     model, spec, v, pv, _, _ = _planted_mlp()
     _, vb, _ = tiny("mlp", seed=1)
-    problem = MatchingProblem(model, spec, [v, vb], spec.space_names, _no_data)
-    _assert_same(MUDSC(problem, fix_rate=1.0, iters=4), MUDSC(problem, fix_rate=1.0, iters=4))
+    problem = Problem(model, spec, [v, vb], spec.space_names, _no_data)
+    _assert_same(problem.run("mudsc", fix_rate=1.0, iters=4),
+                 problem.run("mudsc", fix_rate=1.0, iters=4))
 
 
 @pytest.mark.parametrize("matcher", ["permute", "zip"])
@@ -118,8 +116,8 @@ def test_grouped_spaces_use_the_group_matchers(matcher):
         dataclasses.replace(s, groups=groups[s.name]) for s in plain.spaces))
     _, va, _ = tiny("mlp", seed=0)
     _, vb, _ = tiny("mlp", seed=1)
-    problem = MatchingProblem(model, spec, [va, vb], spec.space_names, _no_data)
-    transforms = MUDSC(problem, fix_rate=1.0, matcher=matcher, iters=3)
+    problem = Problem(model, spec, [va, vb], spec.space_names, _no_data)
+    transforms = problem.run("mudsc", fix_rate=1.0, matcher=matcher, iters=3)
     for space, (_, unmerge) in transforms.items():
         n, g = spec.space(space).width, groups[space]
         og = n // g

@@ -1,13 +1,13 @@
 """TALL masks: golden parity with tall_masks, reconstruction properties, 1-bit storage."""
 
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers import flat
 
 from mergejax import methods
-from mergejax.methods import _task_vectors as tv
+from mergejax.methods import task_vectors as tv
 from mergejax.methods.tall_masks import (
     multitask_vector,
     packed_task_masks,
@@ -16,17 +16,7 @@ from mergejax.methods.tall_masks import (
     task_masks,
 )
 
-GOLDEN = Path(__file__).parent.parent / "data" / "tall_weightspace.npz"
 LAMBDAS = ("0.2", "0.4", "0.6", "1.0")
-
-
-@pytest.fixture(scope="module")
-def golden():
-    return dict(np.load(GOLDEN))
-
-
-def flat(tree):
-    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
 
 
 @pytest.mark.parametrize("merged", ["sum", "ties20"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mergejax import methods
-from mergejax.methods import _task_vectors as tv
+from mergejax.methods import task_vectors as tv
 from mergejax.methods.task_arithmetic import task_arithmetic
 
 
@@ -109,7 +109,7 @@ def test_bad_inputs_name_the_leaf():
 
 def test_registered():
     m = methods.get("task_arithmetic")
-    assert m.hparams == {"lam": 0.3}
+    assert m.hparams == {"lam": 0.3, "weights": None}
     assert m.search["lam"] == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     assert m.fn("weight_space") is task_arithmetic
 

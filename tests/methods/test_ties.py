@@ -1,23 +1,17 @@
 """TIES-Merging: golden parity with tall_masks, exact top-k, sign election, properties."""
 
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers import flat
 
 from mergejax import methods
-from mergejax.methods import _task_vectors as tv
+from mergejax.methods import task_vectors as tv
 from mergejax.methods.task_arithmetic import task_arithmetic
 from mergejax.methods.ties import ties, ties_merge_task_vectors, trim_topk
 
-GOLDEN = Path(__file__).parent.parent / "data" / "tall_weightspace.npz"
 KS = ("0.5", "5", "20", "100")
-
-
-@pytest.fixture(scope="module")
-def golden():
-    return dict(np.load(GOLDEN))
 
 
 def one_leaf(rows):
@@ -26,10 +20,6 @@ def one_leaf(rows):
 
 def two_leaves(rows, cut=1234):
     return [{"a": np.asarray(r[:cut]), "b": {"c": np.asarray(r[cut:])}} for r in rows]
-
-
-def flat(tree):
-    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
 
 
 def ref_topk(x, density):
@@ -99,20 +89,6 @@ def test_global_vs_per_tensor_topk_on_two_tensor_toy():
     # Per tensor (d=4): kth = 4 - 2 = 2nd smallest, so 3 entries survive (tall_masks rule).
     np.testing.assert_array_equal(p["small"], f32([0, 0.2, 0.3, 0.4]))
     np.testing.assert_array_equal(p["large"], f32([0, 2.0, 3.0, 4.0]))
-
-
-@pytest.mark.parametrize("n", [100, 5000, 70_000])
-def test_kth_smallest_bits_exact_with_ties(n):
-    # Radix select on the bit pattern: exact, including ties and zeros, at any size.
-    rng = np.random.default_rng(n)
-    x = np.round(rng.standard_normal(n), 2).astype(np.float32)  # many ties and zeros
-    a = np.abs(x)
-    bits = np.asarray(tv.abs_bits(x))
-    select = jax.jit(tv.kth_smallest_bits)
-    for kth in sorted({1, 2, n // 3, n - int(n * 0.2), n - 1, n}):
-        got = int(select(bits, kth))
-        assert np.float32(np.array(got, np.int32).view(np.float32)) == np.partition(
-            a, kth - 1)[kth - 1], kth
 
 
 def test_global_threshold_over_leaves_matches_partition():

@@ -85,6 +85,16 @@ def evaluate(model: Model, heads: Sequence[Head], images: np.ndarray, labels: np
     return evaluate_heads([(model, v, t) for v, t in heads], images, labels, tasks, batch_size)
 
 
+def joint_predictions(model: Model, heads: Sequence[Head], images: np.ndarray,
+                      batch_size: int = 256) -> np.ndarray:
+    """(N,) global class predicted for each image: the argmax of every head's softmax
+    probabilities side by side (the prediction that joint accuracy scores)."""
+    probs = np.concatenate([_softmax(logits(model, v, images, batch_size)) for v, _ in heads],
+                           axis=1)
+    classes = np.concatenate([np.asarray(t) for _, t in heads])
+    return classes[probs.argmax(1)]
+
+
 def evaluate_heads(heads: Sequence[tuple[Model, Variables, Task]], images: np.ndarray,
                    labels: np.ndarray, tasks: Sequence[Task], batch_size: int = 256) -> dict:
     """As `evaluate`, for heads that are different models (per-task heads of different sizes)."""

@@ -9,19 +9,16 @@ Contents
 - input validation (`prepare`): identical trees and shapes, floating and finite leaves, with
   ValueErrors naming the offending leaf path; range checks (`check_range`);
 - task vectors as pytrees (`task_vectors`);
-- exact magnitude top-k thresholds, over the whole model (`global_thresholds`, the TIES paper /
-  tall_masks granularity) or per tensor (`kth_smallest_bits`, mergekit granularity). Selection is
-  a two-pass radix select on the float bit pattern (16+15-bit histograms), never a sort:
-  XLA:CPU sorts 25M floats in ~9 s, the two histogram passes take ~0.1 s;
+- exact magnitude top-k thresholds over the whole model (`global_thresholds`, the TIES paper /
+  tall_masks granularity): the radix select of `mergejax.kernels.topk` (per tensor:
+  `keep_topk`), its histograms summed leaf by leaf;
 - the per-leaf merge kernel shared by TA / TIES / DARE / Breadcrumbs (`merge_leaves`) with the
   TIES sign election and disjoint merge (`elect_and_merge`);
 - one-bit-per-weight mask storage with `np.packbits` (`pack_masks`, `unpack_masks`), the TALL
   masks paper's compression scheme.
 
-Top-k semantics are those of tall_masks' `topk_values_mask` (nik-dim/tall_masks,
-`src/utils/ties_utils.py`): with `d` entries and keep fraction `density`, the threshold is the
-`(d - int(d * density))`-th smallest |value| (1-based) and every entry with |value| >= threshold is
-kept, so ties at the threshold are all kept; `density == 1` keeps everything.
+Top-k semantics are those of tall_masks' `topk_values_mask` (see `mergejax.kernels.topk`):
+ties at the threshold are all kept; `density == 1` keeps everything.
 """
 
 from __future__ import annotations
@@ -36,15 +33,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+
+from mergejax.kernels import topk
 
 Params = Any
 
-# Radix select splits the 31 magnitude bits of a float32 into a 15-bit high and a 16-bit low part.
-_HI_BITS = 16
-_HI_BINS = 1 << 15
-_LO_BINS = 1 << 16
-_LO_MASK = _LO_BINS - 1
 # Per-leaf int32 counts (histograms, sign sums) must not overflow.
 _MAX_LEAF = (1 << 31) - 1
 
@@ -90,6 +83,10 @@ class Models:
 
     def unflatten(self, leaves: Sequence) -> Params:
         return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
+
+    def each(self) -> list[Models]:
+        """One `Models` per model (no base), to transform every task vector on its own."""
+        return [Models(self.treedef, self.paths, None, [m]) for m in self.models]
 
 
 @jax.jit
@@ -274,45 +271,6 @@ def density_from_k(K: float) -> float:
     return K / 100 if K >= 1 else K
 
 
-def topk_kth(n: int, density: float) -> int:
-    """1-based rank (ascending |value|) of the top-k threshold among `n` entries, 0 = keep all.
-
-    tall_masks `topk_values_mask`: kth = n - int(n * K). density >= 1 keeps everything (that
-    function short-circuits K == 100). When int(n * density) == 0 the threshold is the maximum,
-    so at least the largest entry (and its ties) survive, as in the reference.
-    """
-    if density >= 1:
-        return 0
-    return n - int(n * density)
-
-
-def abs_bits(x):
-    """int32 bit pattern of |x| as float32: monotone in |x| for finite values (sign bit 0)."""
-    return lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
-
-
-def kth_smallest_bits(bits, kth):
-    """Bit pattern of the `kth` smallest (1-based) entry of an int32 `bits` array (flattened).
-
-    Exact selection without sorting: a radix select (histogram of the high 15 bits, then of
-    the low 16 bits inside the chosen bin), two passes over the data whatever its size (for
-    tiny tensors the fixed 32K + 64K-bin histograms cost ~0.1 ms). `kth` may be traced; a
-    Python int is range-checked.
-    """
-    bits = bits.ravel()
-    n = bits.shape[0]
-    if isinstance(kth, int) and not 1 <= kth <= n:
-        raise ValueError(f"kth must be in [1, {n}], got {kth}")
-    hi = bits >> _HI_BITS
-    c = jnp.cumsum(jnp.bincount(hi, length=_HI_BINS))
-    h = jnp.sum(c < kth).astype(jnp.int32)
-    below = jnp.where(h > 0, c[jnp.maximum(h - 1, 0)], 0)
-    lo_idx = jnp.where(hi == h, bits & _LO_MASK, _LO_BINS)  # other bins go to a dropped bin
-    c_lo = jnp.cumsum(jnp.bincount(lo_idx, length=_LO_BINS + 1)[:_LO_BINS])
-    lo = jnp.sum(c_lo < kth - below).astype(jnp.int32)
-    return (h << _HI_BITS) | lo
-
-
 # A "prep" turns the T task-vector leaves (list), aux and the leaf index i into the leaves a
 # merge actually uses (DARE drops entries, Breadcrumbs masks outliers). Preps are frozen
 # dataclasses, so they are hashable static arguments: equal configurations reuse one kernel.
@@ -326,26 +284,14 @@ def _prepped(base, models, aux, i, prep):
 
 @partial(jax.jit, static_argnames=("prep",))
 def _hist_hi(base, models, aux, i, *, prep):
-    return jnp.stack([jnp.bincount((abs_bits(x) >> _HI_BITS).ravel(), length=_HI_BINS)
+    return jnp.stack([topk.high_histogram(topk.abs_bits(x))
                       for x in _prepped(base, models, aux, i, prep)])
 
 
 @partial(jax.jit, static_argnames=("prep",))
 def _hist_lo(base, models, aux, i, h, *, prep):
-    out = []
-    for t, x in enumerate(_prepped(base, models, aux, i, prep)):
-        b = abs_bits(x).ravel()
-        idx = jnp.where((b >> _HI_BITS) == h[t], b & _LO_MASK, _LO_BINS)
-        out.append(jnp.bincount(idx, length=_LO_BINS + 1)[:_LO_BINS])
-    return jnp.stack(out)
-
-
-def _first_reaching(hists: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the first bin whose cumulative count reaches `rank`, and the rank inside it."""
-    c = np.cumsum(hists, axis=1, dtype=np.int64)
-    b = (c < rank[:, None]).sum(axis=1)
-    below = np.where(b > 0, c[np.arange(len(b)), np.maximum(b - 1, 0)], 0)
-    return b, rank - below
+    return jnp.stack([topk.low_histogram(topk.abs_bits(x), h[t])
+                      for t, x in enumerate(_prepped(base, models, aux, i, prep))])
 
 
 def _host_sum(arrays, chunk: int = 2) -> np.ndarray:
@@ -372,28 +318,19 @@ def global_thresholds(models: Models, density: float, *, prep: Prep = None,
     leaves; histograms are summed on the host in int64 so models beyond 2^31 entries are exact.
     """
     d = sum(int(np.size(x)) for x in models.models[0])
-    kth = topk_kth(d, density)
+    kth = topk.topk_kth(d, density)
     T = models.num_models
     if kth == 0:
         return np.zeros(T, np.int32)
     rank = np.full(T, kth, np.int64)
     hist = _host_sum(_hist_hi(*models.leaf(i), aux, i, prep=prep)
                      for i in range(models.num_leaves))
-    h, rank = _first_reaching(hist, rank)
+    h, rank = topk.first_reaching(hist, rank)
     hj = jnp.asarray(h, jnp.int32)
     hist = _host_sum(_hist_lo(*models.leaf(i), aux, i, hj, prep=prep)
                      for i in range(models.num_leaves))
-    lo, _ = _first_reaching(hist, rank)
-    return ((h.astype(np.int64) << _HI_BITS) | lo).astype(np.int32)
-
-
-def trim_tensor(x, density: float):
-    """Keep the top-`density` |x| of one tensor (tall_masks semantics at tensor granularity)."""
-    kth = topk_kth(x.size, density)
-    if kth == 0:
-        return x
-    b = abs_bits(x)
-    return jnp.where(b >= kth_smallest_bits(b, kth), x, jnp.zeros_like(x))
+    lo, _ = topk.first_reaching(hist, rank)
+    return topk.join_bits(h, lo)
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,9 +393,9 @@ def _merge_leaf(base, models, aux, i, thr, weights, lam, zero_sign, *, prep, tri
     taus = []
     for t, x in enumerate(_prepped(base, models, aux, i, prep)):
         if trim == "global":
-            x = jnp.where(abs_bits(x) >= thr[t], x, jnp.zeros_like(x))
+            x = jnp.where(topk.abs_bits(x) >= thr[t], x, jnp.zeros_like(x))
         elif trim is not None:  # ("tensor", density)
-            x = trim_tensor(x, trim[1])
+            x = topk.keep_topk(x, trim[1])
         taus.append(x)
     if combine == "ta":
         merged = taus[0] * weights[0].astype(taus[0].dtype)

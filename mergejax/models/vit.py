@@ -1,0 +1,147 @@
+"""Vision Transformer (Dosovitskiy et al., 2021) in timm's pre-norm layout, q/k/v kept separate.
+
+Patch embedding (a `patch` x `patch` convolution with stride `patch`), a class token (pooling
+"cls") or none (pooling "mean"), learned position embeddings, `depth` pre-norm blocks
+
+    x = x + attn(norm1(x)),   attn = proj(softmax(q k^T / sqrt(head_dim)) v)   (`heads` heads)
+    x = x + fc2(gelu(fc1(norm2(x))))
+
+and a final LayerNorm `norm` before the head. With "cls" pooling `norm` acts on every token and
+the head reads the class token (timm's default); with "mean" pooling there is no class token and
+`norm` acts on the token average (timm's `global_pool="avg"` `fc_norm`). LayerNorm epsilon 1e-6 and
+exact-erf GELU as timm and torch, so converted checkpoints give the torch logits. No dropout.
+
+Parameter names follow timm (`patch_embed`, `cls_token` (1, 1, D), `pos_embed` (1, T, D),
+`blocks_{i}/norm1`, `blocks_{i}/attn/{q,k,v,proj}`, `blocks_{i}/norm2`, `blocks_{i}/mlp/{fc1,fc2}`,
+`norm`, `head`), with timm's fused `qkv` split into `q`, `k`, `v`: a fused kernel would produce
+two feature spaces (query/key and value/output) on one axis, which a merge spec cannot express.
+Head h owns the contiguous channels h*head_dim:(h+1)*head_dim of q, k, v and proj's input.
+
+Taps (see `mergejax.specs.architectures.vit_spec` for why these):
+- `stream` (B, T*(depth+1), D): the residual stream after the embedding and after every block,
+  all tokens, concatenated along the token axis;
+- `blocks_{i}/attn/qko` (B, 3T, D): the queries, the keys and the attention output (heads
+  concatenated, proj's input), concatenated along the token axis: the block's one attention space
+  is produced by q, k and v and consumed by proj, so its statistics see every role;
+- `blocks_{i}/mlp/hidden` (B, T, mlp) post-GELU and `blocks_{i}/mlp/pre_hidden` fc1's output;
+- `head_input` (B, D): the pooled, normalised features the head reads (MuDSC's stream tap).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mergejax.models.base import BN_KWARGS
+
+POOLS = ("cls", "mean")
+LN_EPS = 1e-6  # timm's LayerNorm epsilon
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+    """torch-equivalent LayerNorm (eps 1e-6, two-pass variance)."""
+    return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v projections and the output `proj`."""
+
+    heads: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        hd = d // self.heads
+        q, k, v = (nn.Dense(d, name=n)(x) for n in ("q", "k", "v"))
+        split = lambda y: y.reshape(b, t, self.heads, hd)  # head h: channels h*hd:(h+1)*hd
+        scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) * hd ** -0.5
+        weights = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, split(v)).reshape(b, t, d)
+        self.sow("intermediates", "qko", jnp.concatenate([q, k, out], axis=1))
+        return nn.Dense(d, name="proj")(out)
+
+
+class Mlp(nn.Module):
+    """fc1 - GELU (exact erf) - fc2."""
+
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(self.hidden, name="fc1")(x)
+        self.sow("intermediates", "pre_hidden", h)
+        h = nn.gelu(h, approximate=False)
+        self.sow("intermediates", "hidden", h)
+        return nn.Dense(x.shape[-1], name="fc2")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    heads: int
+    mlp_hidden: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + Attention(self.heads, name="attn")(layer_norm("norm1")(x))
+        return x + Mlp(self.mlp_hidden, name="mlp")(layer_norm("norm2")(x))
+
+
+class ViT(nn.Module):
+    """ViT of embedding width `width`, `depth` blocks of `heads` heads, `patch` x `patch`
+    patches, MLP width `width * mlp_ratio`, pooling "cls" or "mean"."""
+
+    num_classes: int = 10
+    width: int = 64
+    depth: int = 4
+    heads: int = 4
+    patch: int = 4
+    mlp_ratio: float = 4.0
+    pool: str = "cls"
+    bn_momentum: float = BN_KWARGS["momentum"]  # unused (no BatchNorm); uniform Model surface
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Width of every block's MLP hidden layer."""
+        return int(self.width * self.mlp_ratio)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check()
+
+    def check(self) -> None:
+        """Raises ValueError for inconsistent sizes (at construction, before any parameter)."""
+        if self.pool not in POOLS:
+            raise ValueError(f"ViT pool must be one of {POOLS}, got {self.pool!r}")
+        if self.heads < 1 or self.width % self.heads:
+            raise ValueError(f"ViT width {self.width} must be a multiple of heads {self.heads}")
+        if self.depth < 1 or self.patch < 1 or self.mlp_hidden < 1:
+            raise ValueError(f"ViT needs depth, patch and width * mlp_ratio >= 1, got depth "
+                             f"{self.depth}, patch {self.patch}, mlp width {self.mlp_hidden}")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout, no BatchNorm: train and eval compute the same
+        if x.shape[1] % self.patch or x.shape[2] % self.patch:
+            raise ValueError(f"ViT: image size {x.shape[1:3]} is not a multiple of the patch "
+                             f"size {self.patch}")
+        x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch),
+                    padding="VALID", name="patch_embed")(x)
+        x = x.reshape(x.shape[0], -1, self.width)  # (B, H/p * W/p, D), row-major like timm
+        if self.pool == "cls":
+            cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+        pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], self.width))
+        x = x + pos
+        stream = [x]
+        for i in range(self.depth):
+            x = Block(self.heads, self.mlp_hidden, name=f"blocks_{i}")(x)
+            stream.append(x)
+        self.sow("intermediates", "stream", jnp.concatenate(stream, axis=1))
+        if self.pool == "cls":
+            x = layer_norm("norm")(x)[:, 0]
+        else:
+            x = layer_norm("norm")(x.mean(axis=1))
+        self.sow("intermediates", "head_input", x)
+        return nn.Dense(self.num_classes, name="head")(x)

@@ -1,0 +1,126 @@
+"""The multitask run: one model per task from its own initialisation, merged by matching.
+
+data -> endpoints (trained, or imported checkpoints) -> statistics (once, shared by every
+method) -> match -> merge -> repair -> evaluate -> export. Registered as kind "multitask".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+
+from mergejax import evaluation, merging, model_io, repair, specs
+from mergejax.entries import check_methods, config_hparams, parse_method
+from mergejax.kinds import KINDS
+from mergejax.results import error_row, result_row
+from mergejax.run_setup import (
+    load_tasks,
+    merge_images,
+    model_from_config,
+    statistics_and_repair_batches,
+    train_settings,
+)
+from mergejax.statistics import StatisticsCache
+
+
+def _repair_settings(config) -> tuple[str, bool]:
+    """(BatchNorm estimator, reset endpoints first?) from `config.repair`."""
+    settings = config.get("repair", {})
+    return settings.get("estimator", "population"), bool(settings.get("reset_endpoints", False))
+
+
+@KINDS.decorator("multitask")
+def run_multitask(config, workdir: Path, emit: Callable[[dict], None] | None = None
+                  ) -> list[dict]:
+    """Endpoints trained on disjoint (or identical) label subsets, merged by matching methods.
+
+    `emit(row)` is called with every finished row (the caller writes the results files); a
+    method that raises gives an `error` row and the others still run.
+    """
+    check_methods(config.merge.methods, "matching")
+    unknown = sorted(set(config.export.formats) - set(model_io.FORMATS))
+    if unknown:
+        raise ValueError(f"unknown config.export.formats {unknown}; valid: {model_io.FORMATS}")
+    estimator, reset_endpoints = _repair_settings(config)
+    if estimator not in repair.ESTIMATORS:
+        raise ValueError(f"config.repair.estimator={estimator!r}; valid: {repair.ESTIMATORS}")
+    # ---------------------------------------------------------------- data
+    dataset, tasks = load_tasks(config)
+    logging.info("tasks: %s", tasks)
+    shared_heads = len(set(tasks)) == 1
+    model = model_from_config(config, num_classes=len(tasks[0]))
+    spec = specs.for_model(model)
+    # ---------------------------------------------------------------- endpoints
+    from mergejax.endpoints import get_or_train
+
+    settings = train_settings(config)
+    example = dataset.splits["train"][0][:1]
+    checkpoints = tuple(config.endpoints.checkpoints)
+    if checkpoints:  # imported endpoints (orbax / torch / safetensors) instead of training
+        if len(checkpoints) != len(tasks):
+            raise ValueError(f"config.endpoints.checkpoints has {len(checkpoints)} files for "
+                             f"{len(tasks)} tasks {tasks}; give one per task, in task order")
+        endpoints = [model_io.load_endpoint(p, model, example) for p in checkpoints]
+    else:
+        endpoints = [get_or_train(workdir, dataset, task, model, settings, config.seed + i,
+                                  name=f"model_{chr(97 + i)}") for i, task in enumerate(tasks)]
+    test_x, test_y = dataset.splits["test"]
+    stat_batches, repair_batches = statistics_and_repair_batches(
+        config, merge_images(config, dataset, tasks))
+    if reset_endpoints:  # as ZipIt!'s evaluation scripts do, before evaluating or merging
+        endpoints = [repair.reset_batch_stats(model, v, repair_batches(), estimator=estimator)
+                     for v in endpoints]
+
+    def score(heads):
+        return evaluation.evaluate(model, heads, test_x, test_y, tasks,
+                                 config.data.eval_batch_size)
+
+    rows = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if emit is not None:
+            emit(row)
+
+    for i, (v, t) in enumerate(zip(endpoints, tasks)):
+        add(result_row(f"model_{chr(97 + i)}", score([(v, t)]), 0.0))
+    add(result_row("ensemble", score(list(zip(endpoints, tasks))), 0.0))
+    # ---------------------------------------------------------------- merges
+    # statistics are collected once, for the spaces of the first method needing them
+    statistics = StatisticsCache(model, spec, endpoints, stat_batches)
+    for entry in config.merge.methods:
+        start = time.perf_counter()
+        try:
+            add(_merge_one(config, workdir, entry, model, spec, endpoints, tasks, statistics,
+                           repair_batches, estimator, shared_heads, example, score, start))
+        except Exception as e:  # one failing method does not lose the others' rows
+            logging.exception("%s failed", entry)
+            add(error_row(entry, e, time.perf_counter() - start))
+        logging.info("%s: %s", entry, rows[-1])
+    return rows
+
+
+def _merge_one(config, workdir, entry, model, spec, endpoints, tasks, statistics,
+               repair_batches, estimator, shared_heads, example, score, start) -> dict:
+    """The row of one method entry: match, merge, repair, export, evaluate."""
+    name, variants, stop_after = parse_method(entry)
+    hparams = config_hparams(config, name, "matching")
+    transforms = merging.match(name, spec, endpoints, statistics,
+                               spaces=spec.prefix(stop_after),
+                               key=jax.random.key(config.seed), hparams=hparams)
+    fix = "repair" if "repair" in variants else "reset" if "reset" in variants else None
+    merged = merging.merge_endpoints(
+        model, spec, endpoints, transforms, tails="average" if shared_heads else "per_model",
+        fix=fix, batches=repair_batches, estimator=estimator)
+    seconds = time.perf_counter() - start
+    heads = [(merged[0], tasks[0])] if shared_heads else list(zip(merged, tasks))
+    extra = {"hparams": {**hparams, **({"stop_after": stop_after} if stop_after else {})}}
+    if config.export.formats:
+        model_io.export(workdir / "export", entry, model, [v for v, _ in heads],
+                        config.export.formats, example,
+                        meta={"tasks": [list(t) for _, t in heads]})
+    return result_row(entry, score(heads), seconds, **extra)
