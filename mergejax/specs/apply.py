@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,11 +26,25 @@ from mergejax.specs.spec import MergeSpec, flatten, unflatten
 Transform = tuple[Any, Any]
 
 
-def _along(leaf: jnp.ndarray, matrix: jnp.ndarray, axis: int) -> jnp.ndarray:
-    """Applies `matrix` (n_new, n_old) to axis `axis` of `leaf`."""
-    moved = jnp.moveaxis(leaf, axis, 0)
-    out = jnp.tensordot(matrix, moved, axes=1, precision="highest")
-    return jnp.moveaxis(out, 0, axis)
+def _along(leaf, matrix, axis: int):
+    """Applies `matrix` (n_new, n_old) to axis `axis` of `leaf`.
+
+    Concrete arrays are contracted on the host in float64 (exact to float32 rounding, and no
+    XLA compile per leaf shape: a first merge would otherwise spend seconds compiling a
+    70 ms operation); traced ones (a merge inside jit or grad) with jnp at highest precision.
+    """
+    if isinstance(leaf, jax.core.Tracer) or isinstance(matrix, jax.core.Tracer):
+        moved = jnp.moveaxis(leaf, axis, 0)
+        out = jnp.tensordot(matrix, moved, axes=1, precision="highest")
+        return jnp.moveaxis(out, 0, axis)
+    moved = np.moveaxis(np.asarray(leaf, np.float64), axis, 0)
+    out = np.tensordot(np.asarray(matrix, np.float64), moved, axes=1)
+    return np.moveaxis(out, 0, axis)
+
+
+def _concrete(x):
+    """`x` as a numpy array unless it is traced."""
+    return x if isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
 def _blocks(transforms: Mapping[str, Transform], num_models: int, spec: MergeSpec):
@@ -37,7 +52,8 @@ def _blocks(transforms: Mapping[str, Transform], num_models: int, spec: MergeSpe
     blocks = {}
     for name, (merge, unmerge) in transforms.items():
         n = spec.space(name).width
-        merge, unmerge = jnp.asarray(merge, jnp.float32), jnp.asarray(unmerge, jnp.float32)
+        if not isinstance(merge, jax.core.Tracer) and not isinstance(unmerge, jax.core.Tracer):
+            merge, unmerge = np.asarray(merge, np.float32), np.asarray(unmerge, np.float32)
         bad = merge.ndim != 2 or merge.shape[1] != num_models * n
         if bad or unmerge.shape != merge.shape[::-1]:
             raise ValueError(
@@ -92,7 +108,7 @@ def apply_merge(spec: MergeSpec, variables: Sequence[Mapping[str, Any]],
                                  f"{unmerged_in}: the merge cut runs through a shared space")
             total = 0.0
             for i in range(n_models):
-                leaf = jnp.asarray(flats[i][path])
+                leaf = _concrete(flats[i][path])
                 for a in axes:
                     m_i, u_i_t = blocks[a.space][i]
                     leaf = _along(leaf, m_i if a.produces else u_i_t, a.axis)
@@ -104,7 +120,7 @@ def apply_merge(spec: MergeSpec, variables: Sequence[Mapping[str, Any]],
         else:
             per_model = []
             for i in range(n_models):
-                leaf = jnp.asarray(flats[i][path])
+                leaf = _concrete(flats[i][path])
                 for a in axes:
                     if a.space in blocks:  # consumed merged space: unmerge into model i's basis
                         leaf = _along(leaf, blocks[a.space][i][1], a.axis)
@@ -113,7 +129,9 @@ def apply_merge(spec: MergeSpec, variables: Sequence[Mapping[str, Any]],
                 per_model = [sum(per_model) / n_models] * n_models
             for out, leaf in zip(outs, per_model):
                 out[path] = leaf
-    return [unflatten({k: np.asarray(v) for k, v in out.items()}) for out in outs]
+    dtypes = {k: np.result_type(v) for k, v in flats[0].items()}
+    return [unflatten({k: v if isinstance(v, jax.core.Tracer) else np.asarray(v, dtypes[k])
+                       for k, v in out.items()}) for out in outs]
 
 
 def identity_transforms(spec: MergeSpec, num_models: int, spaces: Sequence[str] | None = None

@@ -131,7 +131,8 @@ def test_methods_that_read_no_activations_never_run_the_models(name):
 
 def test_hyperparameter_defaults_come_from_the_signature():
     zipit = methods.get("zipit")
-    assert zipit.hparams == {"alpha": 0.3, "beta": 0.125, "rule": "reference"}
+    assert zipit.hparams == {"alpha": 0.3, "beta": 0.125, "rule": "reference",
+                             "group_heads": True}
     assert "search" not in methods.get("ties").hparams and methods.get("ties").search
     with pytest.raises(TypeError, match="ZipIt!'s name for 'alpha'"):
         zipit.check_hparams("matching", {"a": 0.5})

@@ -39,7 +39,7 @@ def test_registered_with_its_hyperparameters():
     method = methods.get("mudsc")
     assert method.families == ("matching",)
     assert method.hparams == dict(fix_rate=0.5, matcher="zip", alpha=0.5, beta=1.0, iters=100,
-                                  tol=5, use_cos=False, rule="reference")
+                                  tol=5, use_cos=False, rule="reference", group_heads=True)
     assert "fix_rate" in method.search
 
 
