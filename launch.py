@@ -105,6 +105,10 @@ def main(argv):
     try:
         import jax
 
+        from mergejax import compile_cache
+
+        cache = compile_cache.enable()  # before any compile; MERGEJAX_COMPILE_CACHE=off disables
+        logging.info("compilation cache: %s", cache or "off")
         if _DISTRIBUTED.value:
             jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                        _PROCESS_ID.value)

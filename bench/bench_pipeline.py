@@ -140,7 +140,14 @@ def main():
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--endpoints", default="", help="two checkpoints, comma-separated")
+    parser.add_argument("--compile-cache", default="",
+                        help="JAX persistent compilation cache dir (mergejax.compile_cache), as "
+                             "launch.py uses; run twice to see a warm cache's first call")
     args = parser.parse_args()
+    if args.compile_cache:  # before the first compile of the process
+        from mergejax import compile_cache
+
+        compile_cache.enable(args.compile_cache)
     start = time.perf_counter()
     ds = data.load("digits32")
     images = np.concatenate([ds.splits["train"][0], ds.splits["validation"][0]])[:args.images]
