@@ -7,11 +7,11 @@ initialisation, then merges them with every matching method: ~50 s from scratch 
 19 s reusing trained endpoints (copy a previous run's `endpoints/` into the workdir).
 Each block's q, k, v and proj share one head-grouped attention space (see
 `mergejax.specs.architectures.vit_spec`); MuDSC, ZipIt! and Permute match it head by head
-(`group_heads=True`, their default; `--config.merge.zipit.group_heads=False` splits heads);
-`weight_matching` ignores heads.
+and Git Re-Basin weight matching too (`group_heads=True`, their default;
+`--config.merge.zipit.group_heads=False` splits heads).
 Expected (joint / task avg, %): endpoints 97.8 on their own task, ensemble 83.2 / 97.8;
 mudsc+repair 35.0 / 52.9, zipit+repair 28.9 / 48.3, average 24.1 / 42.2, permute+repair
-23.2 / 37.8, average+repair 21.7 / 38.3, weight_matching+repair 17.9 / 35.2. Without group
+23.2 / 37.8, average+repair 21.7 / 38.3, weight_matching+repair 17.7 / 37.0. Without group
 matching zipit+repair gave 23.9 / 41.6 and permute+repair 19.9 / 34.3; with separate
 query/key and value/output spaces mudsc+repair gave 30.9 / 50.7.
 Arguments: `:width=N` (embedding width), `:depth=N`, `:quick` (tiny run for tests).

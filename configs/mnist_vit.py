@@ -10,7 +10,7 @@ Measured (2-core CPU, this repository's working tree of the issue-15 work): 96 s
 whole run (2 x ~30 s training, 20 epochs of 47 batches of 32; ~25 s of merging), tasks
 (2, 3, 4, 6, 7) / (0, 1, 5, 8, 9). Joint / task avg, %: endpoints 91.8 and 93.8 on their own
 task, ensemble 74.0 / 92.8; permute+repair 36.2 / 57.4, zipit+repair 32.6 / 47.0,
-mudsc+repair 19.8 / 40.3, weight_matching+repair 17.9 / 29.6, average+repair 10.0 / 27.9,
+mudsc+repair 19.8 / 40.3, weight_matching+repair 18.8 / 31.4, average+repair 10.0 / 27.9,
 average 10.1 / 26.9. As on digits (configs/digits_vit.py), merging two ViTs from different
 initialisations loses most of the accuracy; here permute and zipit beat mudsc.
 Arguments: `:width=N` (embedding width), `:depth=N`, `:epochs=N`, `:quick` (tiny run for tests).

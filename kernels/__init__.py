@@ -13,6 +13,7 @@ from .assignment import (
     register_assignment_backend,
     solve_assignment,
     solve_assignment_jax,
+    solve_group_assignment,
 )
 from .dual_space import (
     combine_similarity,
@@ -36,5 +37,6 @@ __all__ = [
     "group_permute_match", "group_zip_match", "keep_topk", "kth_smallest_bits",
     "lapx_available", "matched_similarity", "merge_from_unmerge", "pad_batch", "permute_match",
     "register_assignment_backend", "seed_from_key", "shard_batch", "solve_assignment",
-    "solve_assignment_jax", "topk_kth", "weight_matching", "weight_similarity", "zip_match",
+    "solve_assignment_jax",
+    "solve_group_assignment", "topk_kth", "weight_matching", "weight_similarity", "zip_match",
 ]

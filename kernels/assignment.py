@@ -258,6 +258,41 @@ def solve_assignment(score, maximize: bool = True, *, backend: str = "auto"):
     return fn(cost)
 
 
+def solve_group_assignment(score, groups: int, maximize: bool = True, *,
+                            backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Exact assignment that moves contiguous groups of features as wholes (MuDSC's head
+    matching): an assignment inside every (row group, column group) pair, scored by its mean,
+    then an assignment of groups on those scores.
+
+    Args:
+      score: (n, n) real matrix; rows and columns are `groups` contiguous groups of n / groups.
+      groups: g >= 1, a divisor of n.
+      maximize: maximise (default) or minimise.
+
+    Returns:
+      (group_col (g,), col_for_row (n,)): row group j is paired with column group
+      `group_col[j]`, and row r with column `col_for_row[r]`, inside its paired group.
+    """
+    score = np.asarray(score, np.float64)
+    n = score.shape[0]
+    if score.ndim != 2 or score.shape[1] != n or groups < 1 or n % groups:
+        raise ValueError(f"solve_group_assignment: score must be square (n, n) with n divisible "
+                         f"by groups={groups}, got shape {score.shape}")
+    og = n // groups
+    # [j, k, a, b]: feature a of row group j against feature b of column group k
+    sub = score.reshape(groups, og, groups, og).transpose(0, 2, 1, 3)
+    inner = np.empty((groups, groups, og), np.intp)
+    pair = np.empty((groups, groups), np.float64)
+    for j in range(groups):
+        for k in range(groups):
+            c = solve_assignment(sub[j, k], maximize=maximize, backend=backend)
+            inner[j, k] = c
+            pair[j, k] = sub[j, k][np.arange(og), c].mean()
+    group_col = np.asarray(solve_assignment(pair, maximize=maximize, backend=backend), np.intp)
+    col = (group_col[:, None] * og + inner[np.arange(groups), group_col]).reshape(-1)
+    return group_col, col
+
+
 def solve_assignment_jax(score, maximize: bool = True, *, backend: str = "optax") -> jax.Array:
     """Jittable exact linear assignment; works on device and under `jit` / `vmap`.
 

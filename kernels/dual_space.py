@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .assignment import solve_assignment
+from .assignment import solve_group_assignment
 from .checks import check_dtype, check_finite_array, check_number, is_traced
 from .transforms import merge_from_unmerge
 from .zip_match import zip_match
@@ -277,20 +277,7 @@ def _pair_groups(block: np.ndarray, groups: int, backend: str):
       group_col (g,): model i's group paired with model 0's group j;
       col (n,): model i's feature matched to model 0's feature r, inside the paired groups.
     """
-    n = block.shape[0]
-    og = n // groups
-    # [j, k, a, b]: feature a of model 0's group j against feature b of model i's group k
-    sub = block.reshape(groups, og, groups, og).transpose(0, 2, 1, 3)
-    inner = np.empty((groups, groups, og), np.intp)
-    score = np.empty((groups, groups), np.float64)
-    for j in range(groups):
-        for k in range(groups):
-            c = solve_assignment(sub[j, k], maximize=True, backend=backend)
-            inner[j, k] = c
-            score[j, k] = sub[j, k][np.arange(og), c].mean()
-    group_col = np.asarray(solve_assignment(score, maximize=True, backend=backend), np.intp)
-    col = (group_col[:, None] * og + inner[np.arange(groups), group_col]).reshape(-1)
-    return group_col, col
+    return solve_group_assignment(block, groups, maximize=True, backend=backend)
 
 
 def group_permute_match(corr, *, groups: int, num_models: int = 2, backend: str = "scipy"):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .assignment import solve_assignment
+from .assignment import solve_assignment, solve_group_assignment
 from .checks import check_count, check_dtype, check_finite_array
 
 
@@ -70,7 +70,8 @@ def _objective_fn(spec, paths: tuple[str, ...]):
 
 def weight_matching(spec, params_a: Mapping[str, Any], params_b: Mapping[str, Any], *,
                     max_iter: int = 100, seed: int = 0, init_perm: Mapping | None = None,
-                    backend: str = "auto", return_history: bool = False):
+                    backend: str = "auto", return_history: bool = False,
+                    group_heads: bool = True):
     """Permutations of model B that align its weights to model A's.
 
     Args:
@@ -81,6 +82,9 @@ def weight_matching(spec, params_a: Mapping[str, Any], params_b: Mapping[str, An
       init_perm: starting permutations (default identity).
       backend: the `solve_assignment` backend.
       return_history: also return the objective after every sweep.
+      group_heads: spaces with `groups > 1` (attention heads) are permuted group by group
+        (`solve_group_assignment`): a head moves as a unit, so the permuted model still
+        computes attention head by head. False permutes their features freely.
 
     Returns:
       `{space: perm}` with `perm` (n,) int: B's feature `perm[k]` is matched to A's feature k,
@@ -103,6 +107,7 @@ def weight_matching(spec, params_a: Mapping[str, Any], params_b: Mapping[str, An
         if pa[p].shape != pb[p].shape:
             raise ValueError(f"leaf {p}: shapes differ, {pa[p].shape} vs {pb[p].shape}")
     widths = {s.name: s.width for s in spec.spaces}
+    groups = {s.name: getattr(s, "groups", 1) for s in spec.spaces}
     for s, perm in (init_perm or {}).items():
         if s in widths and sorted(np.asarray(perm).tolist()) != list(range(widths[s])):
             raise ValueError(f"{fn}: init_perm[{s!r}] is not a permutation of "
@@ -117,7 +122,10 @@ def weight_matching(spec, params_a: Mapping[str, Any], params_b: Mapping[str, An
         progress = False
         for s in rng.permutation(spaces):
             score = np.asarray(sims[s](pa, pb, perms), np.float64)
-            new = solve_assignment(score, maximize=True, backend=backend)
+            if group_heads and groups[s] > 1:
+                _, new = solve_group_assignment(score, groups[s], backend=backend)
+            else:
+                new = solve_assignment(score, maximize=True, backend=backend)
             old_value = score[np.arange(len(new)), np.asarray(perms[s])].sum()
             new_value = score[np.arange(len(new)), new].sum()
             if new_value > old_value + 1e-12 * max(1.0, abs(old_value)):

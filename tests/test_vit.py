@@ -210,7 +210,7 @@ def _assert_heads_whole(spec, out):
     ("mudsc", dict(matcher="permute", fix_rate=0.0)), ("mudsc", dict(matcher="permute",
                                                                      fix_rate=0.5)),
     ("mudsc", dict(matcher="zip", fix_rate=0.0)), ("mudsc", dict(matcher="zip", fix_rate=0.5)),
-    ("permute", {}), ("zipit", dict(alpha=0.5, beta=1.0))])
+    ("permute", {}), ("zipit", dict(alpha=0.5, beta=1.0)), ("weight_matching", {})])
 def test_group_matching_never_splits_a_head(pair, method, hparams):
     model, spec, problem = pair
     extra = dict(iters=5, tol=2) if method == "mudsc" else {}

@@ -27,16 +27,19 @@ def perms_to_transforms(perms_per_model, widths):
 
 
 @register("weight_matching", "matching", needs="weights", checks={"max_iter": "int [1, inf)"})
-def weight_matching(spec, endpoints, statistics, *, key=None, spaces, max_iter: int = 100):
+def weight_matching(spec, endpoints, statistics, *, key=None, spaces, max_iter: int = 100,
+                    group_heads: bool = True):
     """Per model i >= 1, Git Re-Basin permutations of `spaces` aligning it to model 0.
 
     Data-free: `statistics` is not read. `key` seeds the order of the coordinate sweeps.
+    `group_heads` permutes spaces with `groups > 1` (attention heads) head by head.
     Returns `{space: (merge (n, N*n), unmerge (N*n, n))}` averaging the aligned models.
     """
     del statistics
     params = [{k: v for k, v in flatten(e).items() if k.startswith("params/")}
               for e in endpoints]
     seed = seed_from_key(key)
-    perms = [match_weights(spec, params[0], p, max_iter=max_iter, seed=seed) for p in params[1:]]
+    perms = [match_weights(spec, params[0], p, max_iter=max_iter, seed=seed,
+                           group_heads=group_heads) for p in params[1:]]
     widths = {s: spec.space(s).width for s in spaces}
     return perms_to_transforms(perms, widths)

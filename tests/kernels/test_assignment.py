@@ -216,3 +216,26 @@ def test_auto_uses_lapx_when_present_and_falls_back(monkeypatch):
     np.testing.assert_array_equal(
         solve_assignment(score, backend="lapx"), solve_assignment(score, backend="scipy")
     )
+
+
+def test_group_assignment_is_the_best_head_preserving_assignment():
+    """Brute force over every group pairing and every within-group assignment (g=3, og=2)."""
+    import itertools
+
+    from mergejax.kernels import solve_group_assignment
+
+    rng = np.random.default_rng(3)
+    g, og = 3, 2
+    score = rng.normal(size=(g * og, g * og))
+    best, best_col = -np.inf, None
+    for groups in itertools.permutations(range(g)):
+        for inner in itertools.product(itertools.permutations(range(og)), repeat=g):
+            col = np.array([groups[j] * og + inner[j][a] for j in range(g) for a in range(og)])
+            value = score[np.arange(g * og), col].sum()
+            if value > best:
+                best, best_col = value, col
+    group_col, col = solve_group_assignment(score, g)
+    np.testing.assert_array_equal(col, best_col)
+    np.testing.assert_array_equal(group_col, best_col[::og] // og)
+    with pytest.raises(ValueError, match="divisible"):
+        solve_group_assignment(score, 4)
