@@ -6,7 +6,6 @@ REPAIR afterwards. Parsing checks names and variants, so a bad entry fails befor
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import NamedTuple
 
 from mergejax import methods
@@ -34,12 +33,6 @@ def parse_method(entry: str) -> MethodEntry:
             raise ValueError(f"unknown variant {v!r} in {entry!r}; valid: {VARIANTS}")
     methods.get(name)  # raises listing valid names
     return MethodEntry(name, tuple(variants), stop_after or None)
-
-
-def check_methods(entries: Iterable[str], family: str) -> None:
-    """Fails before any work if a method is unknown or lacks `family`."""
-    for entry in entries:
-        methods.get(parse_method(entry).name).fn(family)
 
 
 def config_hparams(config, name: str, family: str) -> dict:

@@ -22,14 +22,15 @@ import numpy as np
 from mergejax import data as data_lib
 from mergejax import evaluation, methods, repair, train
 from mergejax.endpoints import endpoint_key, get_or_train
-from mergejax.entries import check_methods, config_hparams, parse_method
+from mergejax.entries import config_hparams, parse_method
 from mergejax.kinds import KINDS
 from mergejax.models import Model, Variables
-from mergejax.results import error_row, result_row
+from mergejax.results import RowLog, result_row
 from mergejax.run_setup import (
     load_tasks,
     merge_images,
     model_from_config,
+    repair_settings,
     statistics_and_repair_batches,
     train_settings,
 )
@@ -73,9 +74,9 @@ def run_finetune(config, workdir: Path, emit: Callable[[dict], None] | None = No
     """Base + per-task fine-tuned models, merged by weight-space methods.
 
     `emit(row)` is called with every finished row (the caller writes the results files); a
-    method that raises gives an `error` row and the others still run.
+    method that raises gives an `error` row and the others still run. The config is checked
+    by `mergejax.validation` before.
     """
-    check_methods(config.merge.methods, "weight_space")
     # ---------------------------------------------------------------- data
     dataset, tasks = load_tasks(config)
     classes = data_lib.union(tasks)
@@ -107,7 +108,7 @@ def run_finetune(config, workdir: Path, emit: Callable[[dict], None] | None = No
                                   *[v["batch_stats"] for v in finetuned])
     _, repair_batches = statistics_and_repair_batches(config, merge_images(config, dataset,
                                                                            tasks))
-    estimator = config.get("repair", {}).get("estimator", "population")
+    estimator, _ = repair_settings(config)
 
     def score(per_task_variables: Sequence[Variables], split: str) -> dict:
         heads = list(zip(task_models, per_task_variables, tasks))
@@ -123,31 +124,20 @@ def run_finetune(config, workdir: Path, emit: Callable[[dict], None] | None = No
         return out
 
     base_heads = with_heads(base_backbone, base.get("batch_stats"), False)
-    rows: list[dict] = []
-
-    def add(row: dict) -> None:
-        rows.append(row)
-        if emit is not None:
-            emit(row)
-
-    add(result_row("base", score(base_heads, "test"), 0.0))
-    add(result_row("finetuned", score(finetuned, "test"), 0.0))
+    log = RowLog(emit)
+    log.add(result_row("base", score(base_heads, "test"), 0.0))
+    log.add(result_row("finetuned", score(finetuned, "test"), 0.0))
     # ---------------------------------------------------------------- merges
     key = jax.random.key(config.seed)
     for entry in config.merge.methods:
-        start = time.perf_counter()
-        try:
-            add(_merge_one(config, entry, key, base_backbone, backbones, mean_stats, tasks,
-                           score, with_heads))
-        except Exception as e:  # one failing method does not lose the others' rows
-            logging.exception("%s failed", entry)
-            add(error_row(entry, e, time.perf_counter() - start))
-        logging.info("%s: %s", entry, rows[-1])
-    return rows
+        log.add_entry(entry, lambda start, entry=entry: _merge_one(
+            config, entry, key, base_backbone, backbones, mean_stats, tasks, score, with_heads,
+            start))
+    return log.rows
 
 
 def _merge_one(config, entry, key, base_backbone, backbones, mean_stats, tasks, score,
-               with_heads) -> dict:
+               with_heads, start: float) -> dict:
     """The row of one method entry: search its hyperparameters on validation, test the best."""
     name, variants, stop_after = parse_method(entry)
     if stop_after:
@@ -156,7 +146,6 @@ def _merge_one(config, entry, key, base_backbone, backbones, mean_stats, tasks, 
     fn = method.fn("weight_space")
     settings = config_hparams(config, name, "weight_space")
     reset = bool(variants)
-    start = time.perf_counter()
     candidates = []
     searched = config.get("merge_search", {}).get(name)
     for hp in candidate_grid(method, settings, searched):

@@ -14,23 +14,18 @@ from pathlib import Path
 import jax
 
 from mergejax import evaluation, merging, model_io, repair, specs
-from mergejax.entries import check_methods, config_hparams, parse_method
+from mergejax.entries import config_hparams, parse_method
 from mergejax.kinds import KINDS
-from mergejax.results import error_row, result_row
+from mergejax.results import RowLog, result_row
 from mergejax.run_setup import (
     load_tasks,
     merge_images,
     model_from_config,
+    repair_settings,
     statistics_and_repair_batches,
     train_settings,
 )
 from mergejax.statistics import StatisticsCache
-
-
-def _repair_settings(config) -> tuple[str, bool]:
-    """(BatchNorm estimator, reset endpoints first?) from `config.repair`."""
-    settings = config.get("repair", {})
-    return settings.get("estimator", "population"), bool(settings.get("reset_endpoints", False))
 
 
 @KINDS.decorator("multitask")
@@ -39,15 +34,10 @@ def run_multitask(config, workdir: Path, emit: Callable[[dict], None] | None = N
     """Endpoints trained on disjoint (or identical) label subsets, merged by matching methods.
 
     `emit(row)` is called with every finished row (the caller writes the results files); a
-    method that raises gives an `error` row and the others still run.
+    method that raises gives an `error` row and the others still run. The config is checked
+    by `mergejax.validation` before (method families, spaces, export formats, estimator).
     """
-    check_methods(config.merge.methods, "matching")
-    unknown = sorted(set(config.export.formats) - set(model_io.FORMATS))
-    if unknown:
-        raise ValueError(f"unknown config.export.formats {unknown}; valid: {model_io.FORMATS}")
-    estimator, reset_endpoints = _repair_settings(config)
-    if estimator not in repair.ESTIMATORS:
-        raise ValueError(f"config.repair.estimator={estimator!r}; valid: {repair.ESTIMATORS}")
+    estimator, reset_endpoints = repair_settings(config)
     # ---------------------------------------------------------------- data
     dataset, tasks = load_tasks(config)
     logging.info("tasks: %s", tasks)
@@ -79,29 +69,18 @@ def run_multitask(config, workdir: Path, emit: Callable[[dict], None] | None = N
         return evaluation.evaluate(model, heads, test_x, test_y, tasks,
                                  config.data.eval_batch_size)
 
-    rows = []
-
-    def add(row: dict) -> None:
-        rows.append(row)
-        if emit is not None:
-            emit(row)
-
+    log = RowLog(emit)
     for i, (v, t) in enumerate(zip(endpoints, tasks)):
-        add(result_row(f"model_{chr(97 + i)}", score([(v, t)]), 0.0))
-    add(result_row("ensemble", score(list(zip(endpoints, tasks))), 0.0))
+        log.add(result_row(f"model_{chr(97 + i)}", score([(v, t)]), 0.0))
+    log.add(result_row("ensemble", score(list(zip(endpoints, tasks))), 0.0))
     # ---------------------------------------------------------------- merges
     # statistics are collected once, for the spaces of the first method needing them
     statistics = StatisticsCache(model, spec, endpoints, stat_batches)
     for entry in config.merge.methods:
-        start = time.perf_counter()
-        try:
-            add(_merge_one(config, workdir, entry, model, spec, endpoints, tasks, statistics,
-                           repair_batches, estimator, shared_heads, example, score, start))
-        except Exception as e:  # one failing method does not lose the others' rows
-            logging.exception("%s failed", entry)
-            add(error_row(entry, e, time.perf_counter() - start))
-        logging.info("%s: %s", entry, rows[-1])
-    return rows
+        log.add_entry(entry, lambda start, entry=entry: _merge_one(
+            config, workdir, entry, model, spec, endpoints, tasks, statistics, repair_batches,
+            estimator, shared_heads, example, score, start))
+    return log.rows
 
 
 def _merge_one(config, workdir, entry, model, spec, endpoints, tasks, statistics,

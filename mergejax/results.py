@@ -14,9 +14,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +122,30 @@ def error_row(method: str, error: BaseException | str, seconds: float = 0.0, **e
     message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return {"method": method, "joint_acc": None, "task_avg_acc": None, "per_task_acc": {},
             "seconds": round(seconds, 3), "error": message, **extra}
+
+
+class RowLog:
+    """The rows of a run as they finish: each is kept and handed to `emit` (which writes the
+    results files), so a later failure never loses a finished row."""
+
+    def __init__(self, emit: Callable[[dict], None] | None = None):
+        self.rows: list[dict] = []
+        self.emit = emit
+
+    def add(self, row: dict) -> None:
+        """Keeps `row` and emits it."""
+        self.rows.append(row)
+        if self.emit is not None:
+            self.emit(row)
+
+    def add_entry(self, entry: str, make_row: Callable[[float], dict]) -> None:
+        """Adds `make_row(start)` for method entry `entry` (`start`: its perf_counter start);
+        if it raises, an `error_row` instead, so the other entries still run."""
+        start = time.perf_counter()
+        try:
+            row = make_row(start)
+        except Exception as e:  # one failing method does not lose the others' rows
+            logging.exception("%s failed", entry)
+            row = error_row(entry, e, time.perf_counter() - start)
+        self.add(row)
+        logging.info("%s: %s", entry, row)

@@ -104,6 +104,12 @@ def model_from_config(config, num_classes: int) -> models.Model:
     return models.create(config.model.name, num_classes=num_classes, **kwargs)
 
 
+def repair_settings(config) -> tuple[str, bool]:
+    """(BatchNorm reset estimator, reset the endpoints first?) from `config.repair`."""
+    settings = config.get("repair", {})
+    return settings.get("estimator", "population"), bool(settings.get("reset_endpoints", False))
+
+
 def train_settings(config) -> train.TrainSettings:
     """The training fields of the config as TrainSettings."""
     fields = {f.name for f in dataclasses.fields(train.TrainSettings)}
