@@ -112,8 +112,12 @@ def _batch_list(m: Model, variables: Variables, data: Images, batch_size: int, w
                for x in data]
     if not batches:
         raise ValueError(f"{what}: no batches")
+    fits: set[tuple] = set()  # image shapes the model already accepted: trace it once per shape
     for i, x in enumerate(batches):
+        if getattr(x, "ndim", None) == 4 and tuple(x.shape[1:]) in fits:
+            continue
         _check_images(m, variables, x, f"{what} batch {i}")
+        fits.add(tuple(x.shape[1:]))
     return batches
 
 

@@ -53,9 +53,8 @@ def merge_endpoints(model: Model, spec: MergeSpec, endpoints: Sequence[Variables
         return merged
     if batches is None:
         raise ValueError(f"repair={fix!r} needs data to recompute statistics on")
-    if "batch_stats" in merged[0]:  # for BatchNorm nets REPAIR is exactly a BatchNorm reset
+    if fix == "reset":  # trees without BatchNorm come back unchanged
         return repair.reset_trees(model, merged, list(batches()), estimator=estimator)
-    if fix == "reset":  # nothing to reset
-        return merged
+    # for BatchNorm nets `repair.repair` is exactly the reset (one per shared trunk)
     return repair.repair(model, spec, endpoints, merged, transforms, list(batches()),
                          estimator=estimator)
