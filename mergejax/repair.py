@@ -74,11 +74,10 @@ def reset_batch_stats(model: Model, variables: Variables, batches: Iterable[np.n
     if "batch_stats" not in variables:
         return variables
     fn = _batch_stats_fn(model)
-    acc: dict | None = None  # layer path -> (total weight, weighted mean sum, weighted var sum)
+    acc: dict = {}  # layer path -> (total weight, weighted mean sum, weighted var sum)
     for x in batches:
         stats, counts = fn(variables, x)
         flat = traverse_util.flatten_dict(jax.device_get(stats))
-        acc = {} if acc is None else acc
         for path, value in flat.items():
             layer, leaf = path[:-1], path[-1]
             if leaf != "mean":
@@ -93,7 +92,7 @@ def reset_batch_stats(model: Model, variables: Variables, batches: Iterable[np.n
                 mu_w, var_w = mu * w, var * w
             k, m, v = acc.get(layer, (0, 0.0, 0.0))
             acc[layer] = (k + w, m + mu_w, v + var_w)
-    if acc is None:
+    if not acc:
         raise ValueError("BatchNorm reset needs at least one batch of data")
     new = {}
     for layer, (k, m, v) in acc.items():

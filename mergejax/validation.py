@@ -24,6 +24,7 @@ from mergejax import methods, model_io, models, repair, specs, train
 from mergejax.entries import VARIANTS
 from mergejax.io.cli_errors import UsageError
 from mergejax.kinds import KINDS
+from mergejax.methods.registry import nonfinite_fields
 
 # The method family each run kind merges with.
 FAMILY = {"multitask": "matching", "finetune": "weight_space"}
@@ -118,21 +119,6 @@ def _as_dict(section) -> dict:
     if hasattr(section, "to_dict"):
         return section.to_dict()
     return dict(section)
-
-
-def _nonfinite_fields(tree: Any, prefix: str) -> list[tuple[str, Any]]:
-    """(field, value) of every NaN / infinite float anywhere in `tree`."""
-    out = []
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            out += _nonfinite_fields(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(tree, list | tuple):
-        for i, v in enumerate(tree):
-            out += _nonfinite_fields(v, f"{prefix}[{i}]")
-    elif (isinstance(tree, numbers.Real) and not isinstance(tree, bool | numbers.Integral)
-          and not math.isfinite(float(tree))):
-        out.append((prefix, tree))
-    return out
 
 
 def _tasks(config, p: _Problems, num_classes: int | None, seed: int
@@ -309,7 +295,7 @@ def _entries(config, p: _Problems, family: str | None, spec) -> None:
 def validate(config) -> None:
     """Raises `ConfigError` listing every problem of `config`; returns None if it is valid."""
     p = _Problems()
-    for field, value in _nonfinite_fields(_as_dict(config), ""):
+    for field, value in nonfinite_fields(_as_dict(config)):
         if not field.startswith("merge."):  # merge.* is reported with its method's checks
             p.add(field, value, "must be finite")
     kind = config.get("kind")

@@ -117,14 +117,25 @@ class Check:
         return None
 
 
+def nonfinite_fields(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(field, value) of every NaN or infinite float anywhere in `tree` (dicts, lists,
+    tuples), fields spelled `a.b[2]`."""
+    out = []
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            out += nonfinite_fields(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            out += nonfinite_fields(v, f"{prefix}[{i}]")
+    elif (isinstance(tree, numbers.Real) and not isinstance(tree, bool | numbers.Integral)
+          and not math.isfinite(float(tree))):
+        out.append((prefix, tree))
+    return out
+
+
 def nonfinite(value: Any) -> bool:
     """True if `value` is, or contains (lists, tuples, dicts), a NaN or infinite number."""
-    if isinstance(value, Mapping):
-        return any(nonfinite(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(nonfinite(v) for v in value)
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool | numbers.Integral)
-            and not math.isfinite(float(value)))
+    return bool(nonfinite_fields(value))
 
 
 def signature_hparams(fn: Callable[..., Any]) -> dict[str, Any]:
