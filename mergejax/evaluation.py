@@ -38,7 +38,8 @@ def logits(model: Model, variables: Variables, images: np.ndarray, batch_size: i
     return np.concatenate(out)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (shifted by the max: no overflow)."""
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
@@ -89,7 +90,7 @@ def joint_predictions(model: Model, heads: Sequence[Head], images: np.ndarray,
                       batch_size: int = 256) -> np.ndarray:
     """(N,) global class predicted for each image: the argmax of every head's softmax
     probabilities side by side (the prediction that joint accuracy scores)."""
-    probs = np.concatenate([_softmax(logits(model, v, images, batch_size)) for v, _ in heads],
+    probs = np.concatenate([softmax(logits(model, v, images, batch_size)) for v, _ in heads],
                            axis=1)
     classes = np.concatenate([np.asarray(t) for _, t in heads])
     return classes[probs.argmax(1)]
@@ -100,5 +101,5 @@ def evaluate_heads(heads: Sequence[tuple[Model, Variables, Task]], images: np.nd
     """As `evaluate`, for heads that are different models (per-task heads of different sizes)."""
     keep = np.isin(labels, union(tasks))
     images, labels = images[keep], labels[keep]
-    probs = [_softmax(logits(m, v, images, batch_size)) for m, v, _ in heads]
+    probs = [softmax(logits(m, v, images, batch_size)) for m, v, _ in heads]
     return accuracies(probs, [t for _, _, t in heads], labels, tasks)

@@ -20,6 +20,7 @@ import os
 import uuid
 from pathlib import Path
 
+import mergejax.search.run  # noqa: F401  (the search kind registers)
 from mergejax import finetune, multitask, results, validation  # noqa: F401  (kinds register)
 from mergejax.io.atomic import atomic_write_text, remove_stale_temporaries
 from mergejax.kinds import KINDS

@@ -10,6 +10,7 @@ of a method are chosen on the validation split only (per task where the method s
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -22,7 +23,7 @@ import numpy as np
 from mergejax import data as data_lib
 from mergejax import evaluation, methods, repair, train
 from mergejax.endpoints import endpoint_key, get_or_train
-from mergejax.entries import config_hparams, parse_method
+from mergejax.entries import entry_hparams, parse_method
 from mergejax.kinds import KINDS
 from mergejax.models import Model, Variables
 from mergejax.results import RowLog, result_row
@@ -68,15 +69,38 @@ def candidate_grid(method, settings: dict, searched: tuple[str, ...] | None = No
     return [{**base, **dict(zip(axes, combo))} for combo in itertools.product(*axes.values())]
 
 
-@KINDS.decorator("finetune")
-def run_finetune(config, workdir: Path, emit: Callable[[dict], None] | None = None
-                 ) -> list[dict]:
-    """Base + per-task fine-tuned models, merged by weight-space methods.
+@dataclasses.dataclass(frozen=True)
+class FinetuneSetup:
+    """Everything a weight-space run merges and scores, built once by `prepare`.
 
-    `emit(row)` is called with every finished row (the caller writes the results files); a
-    method that raises gives an `error` row and the others still run. The config is checked
-    by `mergejax.validation` before.
+    Attributes:
+      tasks: the label subsets, one per fine-tuned model.
+      task_models: task t's model (its head has len(tasks[t]) classes).
+      base: the base model's variables; base_backbone its params without the head.
+      finetuned: task t's fine-tuned variables; backbones their params without the heads;
+        heads `[{head: params}]`.
+      mean_stats: the fine-tuned models' BatchNorm statistics averaged (None without BN).
+      dataset: the data (splits train / validation / test).
+      score: `(per-task variables, split) -> evaluation.evaluate_heads` metrics on `split`.
+      with_heads: `(merged backbone | per-task list, stats, reset) -> per-task variables`.
     """
+
+    tasks: list
+    task_models: list[Model]
+    base: Variables
+    base_backbone: dict
+    finetuned: list[Variables]
+    backbones: list[dict]
+    heads: list[dict]
+    mean_stats: dict | None
+    dataset: data_lib.Dataset
+    score: Callable[[Sequence[Variables], str], dict]
+    with_heads: Callable[..., list[Variables]]
+
+
+def prepare(config, workdir: Path) -> FinetuneSetup:
+    """Data, base and per-task fine-tuned models (trained or read from `workdir`), and the
+    scoring functions every weight-space run (`finetune`, `search`) shares."""
     # ---------------------------------------------------------------- data
     dataset, tasks = load_tasks(config)
     classes = data_lib.union(tasks)
@@ -111,9 +135,9 @@ def run_finetune(config, workdir: Path, emit: Callable[[dict], None] | None = No
     estimator, _ = repair_settings(config)
 
     def score(per_task_variables: Sequence[Variables], split: str) -> dict:
-        heads = list(zip(task_models, per_task_variables, tasks))
-        return evaluation.evaluate_heads(heads, *dataset.splits[split], tasks,
-                                       config.data.eval_batch_size)
+        heads_ = list(zip(task_models, per_task_variables, tasks))
+        return evaluation.evaluate_heads(heads_, *dataset.splits[split], tasks,
+                                         config.data.eval_batch_size)
 
     def with_heads(merged, stats, reset: bool) -> list[Variables]:
         per_task = merged if isinstance(merged, list) else [merged] * len(tasks)
@@ -123,31 +147,50 @@ def run_finetune(config, workdir: Path, emit: Callable[[dict], None] | None = No
                    for m, v in zip(task_models, out)]
         return out
 
-    base_heads = with_heads(base_backbone, base.get("batch_stats"), False)
+    return FinetuneSetup(list(tasks), task_models, base, base_backbone, finetuned, backbones,
+                         heads, mean_stats, dataset, score, with_heads)
+
+
+@KINDS.decorator("finetune")
+def run_finetune(config, workdir: Path, emit: Callable[[dict], None] | None = None
+                 ) -> list[dict]:
+    """Base + per-task fine-tuned models, merged by weight-space methods.
+
+    `emit(row)` is called with every finished row (the caller writes the results files); a
+    method that raises gives an `error` row and the others still run. The config is checked
+    by `mergejax.validation` before.
+    """
+    s = prepare(config, workdir)
+    base_heads = s.with_heads(s.base_backbone, s.base.get("batch_stats"), False)
     log = RowLog(emit)
-    log.add(result_row("base", score(base_heads, "test"), 0.0))
-    log.add(result_row("finetuned", score(finetuned, "test"), 0.0))
+    log.add(result_row("base", s.score(base_heads, "test"), 0.0))
+    log.add(result_row("finetuned", s.score(s.finetuned, "test"), 0.0))
     # ---------------------------------------------------------------- merges
     key = jax.random.key(config.seed)
     for entry in config.merge.methods:
-        log.add_entry(entry, lambda start, entry=entry: _merge_one(
-            config, entry, key, base_backbone, backbones, mean_stats, tasks, score, with_heads,
-            start))
+        log.add_entry(entry, lambda start, entry=entry: merge_entry(config, entry, key, s, start))
     return log.rows
 
 
-def _merge_one(config, entry, key, base_backbone, backbones, mean_stats, tasks, score,
-               with_heads, start: float) -> dict:
-    """The row of one method entry: search its hyperparameters on validation, test the best."""
-    name, variants, stop_after = parse_method(entry)
-    if stop_after:
+def merge_entry(config, entry: str, key: jax.Array, setup: FinetuneSetup, start: float
+                ) -> dict:
+    """The row of one weight-space method entry: its hyperparameters searched on validation
+    (`candidate_grid`), the best tested; `start` is when the row's clock started."""
+    base_backbone, backbones, mean_stats = setup.base_backbone, setup.backbones, setup.mean_stats
+    tasks, score, with_heads = setup.tasks, setup.score, setup.with_heads
+    parsed = parse_method(entry, "weight_space")
+    name, variants = parsed.name, parsed.variants
+    if parsed.stop_after:
         raise ValueError(f"{entry!r}: partial merging (@space) is for matching methods")
     method = methods.get(name)
     fn = method.fn("weight_space")
-    settings = config_hparams(config, name, "weight_space")
+    settings = entry_hparams(config, parsed, "weight_space")  # entry [...] over config
     reset = bool(variants)
     candidates = []
     searched = config.get("merge_search", {}).get(name)
+    if parsed.hparams:  # a value the entry sets is fixed, not searched
+        searched = tuple(s for s in (method.search if searched is None else searched)
+                         if s not in parsed.hparams)
     for hp in candidate_grid(method, settings, searched):
         merged = fn(base_backbone, backbones, key=key, **hp)
         val = score(with_heads(merged, mean_stats, reset), "validation")

@@ -29,7 +29,8 @@ def load_endpoint(path: str | Path, model: Model, example: np.ndarray, *,
                   allow_nonfinite: bool = False) -> Variables:
     """Variables of `model` read from `path` (format from the path; see module docstring).
 
-    `example` (1, H, W, C) fixes the expected shapes (orbax restores are checked against them).
+    `example` (1, H, W, C) fixes the expected shapes (orbax restores are checked against them);
+    for a torch file it may be None (the converter infers the input shape or uses its default).
     Every tensor must be floating point and finite unless `allow_nonfinite` (the error names
     the file and the key: `mergejax.io.check.check_tensors`).
     """
@@ -45,7 +46,10 @@ def load_endpoint(path: str | Path, model: Model, example: np.ndarray, *,
     from mergejax import converters
 
     state_dict = converters.load_state_dict(path, allow_nonfinite=allow_nonfinite)
-    return converters.from_torch(state_dict, model.name, input_shape=example.shape[1:],
+    # example None: the converter reads the input shape off the checkpoint where it can (ViT
+    # position embeddings) and otherwise uses the architecture's default
+    shape = None if example is None else example.shape[1:]
+    return converters.from_torch(state_dict, model.name, input_shape=shape,
                                  allow_nonfinite=allow_nonfinite, **_torch_kwargs(model))
 
 

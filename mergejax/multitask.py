@@ -1,4 +1,5 @@
-"""The multitask run: one model per task from its own initialisation, merged by matching.
+"""The multitask run: one model per task from its own initialisation, merged by matching
+(or by a learned method fitted on `config.data.images_per_task` images per task).
 
 data -> endpoints (trained, or imported checkpoints) -> statistics (once, shared by every
 method) -> match -> merge -> repair -> evaluate -> export. Registered as kind "multitask".
@@ -6,6 +7,7 @@ method) -> match -> merge -> repair -> evaluate -> export. Registered as kind "m
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -13,11 +15,12 @@ from pathlib import Path
 
 import jax
 
-from mergejax import evaluation, merging, model_io, repair, specs
-from mergejax.entries import config_hparams, parse_method
+from mergejax import evaluation, learned_merging, merging, model_io, repair, specs
+from mergejax.entries import entry_hparams, parse_method
 from mergejax.kinds import KINDS
 from mergejax.results import RowLog, result_row
 from mergejax.run_setup import (
+    budget_images,
     load_tasks,
     merge_images,
     model_from_config,
@@ -65,9 +68,9 @@ def run_multitask(config, workdir: Path, emit: Callable[[dict], None] | None = N
         endpoints = [repair.reset_batch_stats(model, v, repair_batches(), estimator=estimator)
                      for v in endpoints]
 
-    def score(heads):
-        return evaluation.evaluate(model, heads, test_x, test_y, tasks,
-                                 config.data.eval_batch_size)
+    def score(heads, scored=model):  # a learned merge may return a model of another width
+        return evaluation.evaluate(scored, heads, test_x, test_y, tasks,
+                                   config.data.eval_batch_size)
 
     log = RowLog(emit)
     for i, (v, t) in enumerate(zip(endpoints, tasks)):
@@ -76,7 +79,13 @@ def run_multitask(config, workdir: Path, emit: Callable[[dict], None] | None = N
     # ---------------------------------------------------------------- merges
     # statistics are collected once, for the spaces of the first method needing them
     statistics = StatisticsCache(model, spec, endpoints, stat_batches)
+    images = functools.cache(lambda: budget_images(config, dataset, tasks))
     for entry in config.merge.methods:
+        if learned_merging.is_learned(entry):  # fitted on each task's images: no matching
+            log.add_entry(entry, lambda start, entry=entry: learned_merging.learned_row(
+                config, workdir, entry, model, spec, endpoints, tasks, images(),
+                repair_batches, estimator, example, score, start))
+            continue
         log.add_entry(entry, lambda start, entry=entry: _merge_one(
             config, workdir, entry, model, spec, endpoints, tasks, statistics, repair_batches,
             estimator, shared_heads, example, score, start))
@@ -86,8 +95,9 @@ def run_multitask(config, workdir: Path, emit: Callable[[dict], None] | None = N
 def _merge_one(config, workdir, entry, model, spec, endpoints, tasks, statistics,
                repair_batches, estimator, shared_heads, example, score, start) -> dict:
     """The row of one method entry: match, merge, repair, export, evaluate."""
-    name, variants, stop_after = parse_method(entry)
-    hparams = config_hparams(config, name, "matching")
+    parsed = parse_method(entry, "matching")
+    name, variants, stop_after = parsed.name, parsed.variants, parsed.stop_after
+    hparams = entry_hparams(config, parsed, "matching")  # entry [...] over config.merge.<name>
     transforms = merging.match(name, spec, endpoints, statistics,
                                spaces=spec.prefix(stop_after),
                                key=jax.random.key(config.seed), hparams=hparams)

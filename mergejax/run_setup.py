@@ -11,7 +11,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -141,9 +141,47 @@ def load_tasks(config) -> tuple[Dataset, list[Task]]:
     return dataset, tasks_from_config(config, dataset.num_classes)
 
 
+def stratified_choice(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of `n` of the `labels` (N,), each class getting its share of `n` in
+    proportion to its count (largest remainders first, ties to the smaller class id); all N
+    indices when n <= 0 or n >= N."""
+    labels = np.asarray(labels)
+    if n <= 0 or n >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n * counts / len(labels)
+    take = np.floor(exact).astype(int)
+    order = np.argsort(-(exact - take), kind="stable")
+    take[order[:n - take.sum()]] += 1
+    picked = [rng.choice(np.flatnonzero(labels == c), k, replace=False)
+              for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
+def task_images(dataset: Dataset, tasks: Sequence[Task], per_task: int, seed: int
+                ) -> list[np.ndarray]:
+    """Per task, its training images (n_i, H, W, C): all of them when `per_task` is 0, else a
+    class-stratified subset of `per_task` drawn with seed `seed + i` for task i."""
+    train_x, train_y = dataset.splits["train"]
+    out = []
+    for i, task in enumerate(tasks):
+        x, y = data_lib.select(train_x, train_y, task)
+        out.append(x[stratified_choice(y, int(per_task), np.random.default_rng(seed + i))])
+    return out
+
+
+def budget_images(config, dataset: Dataset, tasks: Sequence[Task]) -> list[np.ndarray]:
+    """Per task, the training images a merge may read: `config.data.images_per_task` of them
+    (a class-stratified subset, seeded by `config.seed`; 0 = all), the same for every method."""
+    return task_images(dataset, tasks, config.data.get("images_per_task", 0), config.seed + 3000)
+
+
 def merge_images(config, dataset: Dataset, tasks: list[Task]) -> np.ndarray:
     """Training images of the tasks' classes, the data for statistics and repair: in dataset
-    order when `config.data.shuffle_statistics` is False, else task after task."""
+    order when `config.data.shuffle_statistics` is False, else task after task; with an image
+    budget (`config.data.images_per_task` > 0) the budget's images, task after task."""
+    if config.data.get("images_per_task", 0):
+        return np.concatenate(budget_images(config, dataset, tasks))
     train_x, train_y = dataset.splits["train"]
     if not config.data.get("shuffle_statistics", True):
         return train_x[np.isin(train_y, data_lib.union(tasks))]

@@ -15,19 +15,22 @@ import dataclasses
 import math
 import numbers
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mergejax import data as data_lib
 from mergejax import methods, model_io, models, repair, specs, train
-from mergejax.entries import VARIANTS
+from mergejax.entries import SYNTAX, VARIANTS, hparam_problems, split_entry
 from mergejax.io.cli_errors import UsageError
 from mergejax.kinds import KINDS
 from mergejax.methods.registry import nonfinite_fields
 
 # The method family each run kind merges with.
-FAMILY = {"multitask": "matching", "finetune": "weight_space"}
+FAMILY = {"multitask": "matching", "finetune": "weight_space", "search": "weight_space"}
+# Kinds built on a base and per-task fine-tuned models (`mergejax.finetune.prepare`).
+FINETUNED_KINDS = ("finetune", "search")
 # Classes of the registered datasets, known without reading them.
 NUM_CLASSES = {"digits": 10, "digits32": 10, "mnist5k": 10, "cifar10": 10, "cifar100": 100}
 TFDS_DATASETS = ("cifar10", "cifar100")
@@ -209,34 +212,7 @@ def _hparams(config, p: _Problems) -> None:
         if not isinstance(section, Mapping):
             p.add(f"merge.{name}", section, "must be a dict of hyperparameters")
             continue
-        method = methods.get(name)
-        defaults = method.hparams
-        for k, v in section.items():
-            field = f"merge.{name}.{k}"
-            if k not in defaults:
-                p.add(field, v, f"unknown hyperparameter of {name!r}; valid: "
-                      f"{', '.join(defaults) or 'none'}")
-                continue
-            d = defaults[k]
-            if isinstance(d, bool):
-                ok = isinstance(v, bool)
-                want = "a bool"
-            elif isinstance(d, int):
-                ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                want = "an integer"
-            elif isinstance(d, float):
-                ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
-                want = "a number"
-            elif isinstance(d, str):
-                ok = isinstance(v, str)
-                want = "a string"
-            else:
-                ok, want = True, ""
-            if not ok:
-                p.add(field, v, f"must be {want} (the default is {d!r})")
-                continue
-        problems = method.problems({k: v for k, v in section.items() if k in defaults})
-        for k, why in problems.items():
+        for k, why in hparam_problems(name, section).items():
             p.add(f"merge.{name}.{k}", section[k], why)
     search = _as_dict(config.get("merge_search"))
     for name, searched in search.items():
@@ -257,18 +233,14 @@ def _hparams(config, p: _Problems) -> None:
 def _entries(config, p: _Problems, family: str | None, spec) -> None:
     entries = config.merge.get("methods", ())
     if isinstance(entries, str) or not isinstance(entries, list | tuple):
-        p.add("merge.methods", entries, "must be a tuple of method entries "
-              "name[@space][+variant]")
+        p.add("merge.methods", entries, f"must be a tuple of method entries {SYNTAX}")
         return
     for i, entry in enumerate(entries):
         field = f"merge.methods[{i}]"
-        if not isinstance(entry, str):
-            p.add(field, entry, "must be a string name[@space][+variant]")
-            continue
-        head, *variants = entry.split("+")
-        name, _, space = head.partition("@")
-        if not name or (head.endswith("@") and not space):
-            p.add(field, entry, "expected name[@space][+variant], e.g. 'zipit@stream1+repair'")
+        try:
+            name, variants, space, entry_hp = split_entry(entry)
+        except ValueError as e:
+            p.add(field, entry, str(e))
             continue
         bad_variants = [v for v in variants if v not in VARIANTS]
         if bad_variants:
@@ -278,13 +250,21 @@ def _entries(config, p: _Problems, family: str | None, spec) -> None:
             p.add(field, entry, f"unknown method {name!r}; valid: {', '.join(methods.names())}")
             continue
         method = methods.get(name)
-        if family is not None and family not in method.families:
+        # a multitask entry whose method has only a learned function runs it on task images
+        fam = ("learned" if family == "matching" and "learned" in method.families
+               and "matching" not in method.families else family)
+        if fam is not None and fam not in method.families:
+            also = (f"; learned methods: {', '.join(methods.names('learned'))}"
+                    if family == "matching" else "")
             p.add(field, entry, f"{name!r} has no {family!r} function (kind "
                   f"{config.kind!r}); methods for {family!r}: "
-                  f"{', '.join(methods.names(family))}")
+                  f"{', '.join(methods.names(family))}{also}")
             continue
+        # the entry's own [hparam=value] overrides get config.merge.<name>'s checks
+        for k, why in hparam_problems(name, entry_hp, fam).items():
+            p.add(field, entry, f"{k}={entry_hp[k]!r}: {why}")
         if space:
-            if family == "weight_space":
+            if fam in ("weight_space", "learned"):
                 p.add(field, entry, "partial merging (@space) is for matching methods (kind "
                       "'multitask')")
             elif spec is not None and space not in spec.space_names:
@@ -321,6 +301,7 @@ def validate(config) -> None:
     p.number("data.batch_size", d.batch_size, integer=True, lo=1)
     p.number("data.eval_batch_size", d.eval_batch_size, integer=True, lo=1)
     p.number("data.stat_batches", d.stat_batches, integer=True, lo=0)
+    p.number("data.images_per_task", d.get("images_per_task", 0), integer=True, lo=0)
     if not isinstance(d.get("shuffle_statistics", True), bool):
         p.add("data.shuffle_statistics", d.shuffle_statistics, "must be True or False")
     seed_ok = (isinstance(config.get("seed"), numbers.Integral)
@@ -341,8 +322,10 @@ def validate(config) -> None:
                   f"{', '.join(specs.names())}")
     # ------------------------------------------------------------------ training
     _settings(config, "train", p)
-    if kind == "finetune":
+    if kind in FINETUNED_KINDS:
         _settings(config, "finetune", p, base=_as_dict(config.train))
+    if kind == "search":
+        _search(config, p)
     # ------------------------------------------------------------------ merging
     _entries(config, p, family, spec)
     _hparams(config, p)
@@ -359,13 +342,13 @@ def validate(config) -> None:
         if unknown:
             p.add("export.formats", tuple(formats), f"unknown format(s) {unknown}; valid: "
                   f"{', '.join(model_io.FORMATS)}")
-        if formats and kind == "finetune":
+        if formats and kind in FINETUNED_KINDS:
             p.add("export.formats", tuple(formats), "exports are written by multitask runs only")
     checkpoints = config.get("endpoints", {}).get("checkpoints", ())
     if isinstance(checkpoints, str) or not isinstance(checkpoints, list | tuple):
         p.add("endpoints.checkpoints", checkpoints, "must be a tuple of paths, one per task")
     elif checkpoints:
-        if kind == "finetune":
+        if kind in FINETUNED_KINDS:
             p.add("endpoints.checkpoints", tuple(checkpoints), "imported endpoints are for "
                   "multitask runs only")
         for i, path in enumerate(checkpoints):
@@ -376,3 +359,43 @@ def validate(config) -> None:
                   f"{len(tasks)} tasks; give one per task, in task order")
     if p.items:
         raise ConfigError(p.items)
+
+
+def _search(config, p: _Problems) -> None:
+    """`config.search` of a search run: trials, sampler, objective, methods, ranges, blocks."""
+    from mergejax.recipe.schema import METHODS
+    from mergejax.search.objective import OBJECTIVES
+    from mergejax.search.study import SAMPLERS
+
+    s = config.get("search") or {}
+    p.number("search.trials", s.get("trials"), integer=True, lo=1)
+    p.number("search.population", s.get("population", 1), integer=True, lo=1)
+    p.choice("search.sampler", s.get("sampler"), tuple(SAMPLERS.names()))
+    p.choice("search.objective", s.get("objective"), tuple(OBJECTIVES.names()))
+    searchable = tuple(m for m, v in METHODS.items() if v.kind != "slerp")
+    methods_ = s.get("methods")
+    if (not isinstance(methods_, list | tuple) or not methods_
+            or any(m not in searchable for m in methods_)):
+        p.add("search.methods", methods_, f"must be a non-empty tuple from {searchable}")
+    bounds = {"weight": (-math.inf, math.inf), "density": (0.0, 1.0), "lam": (-math.inf, math.inf)}
+    for name, (lo_ok, hi_ok) in bounds.items():
+        r = s.get(name)
+        ok = (isinstance(r, list | tuple) and len(r) == 2
+              and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in r))
+        if not ok or not r[0] <= r[1] or (name == "density" and not lo_ok < r[0]) or r[1] > hi_ok:
+            what = "(0, 1]" if name == "density" else "finite"
+            p.add(f"search.{name}", r, f"must be a (low, high) pair with low <= high, in {what}")
+    blocks = s.get("blocks", ())
+    ok = isinstance(blocks, list | tuple) and all(
+        isinstance(b, list | tuple) and len(b) == 2 and all(isinstance(x, str) for x in b)
+        for b in blocks)
+    if not ok:
+        p.add("search.blocks", blocks, "must be a tuple of (name, regex) pairs")
+    else:
+        for name, pattern in blocks:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                p.add("search.blocks", blocks, f"block {name!r}: bad regex {pattern!r}: {e}")
+    if not isinstance(s.get("reset", False), bool):
+        p.add("search.reset", s.get("reset"), "must be True or False")

@@ -32,18 +32,24 @@ ALLOWED: dict[str, set[str]] = {
     "registry": set(),
     "models": {"registry", "models"},
     "specs": {"kernels", "models", "registry", "specs"},
-    "methods": {"kernels", "specs", "models", "registry", "io", "methods"},
+    "methods": {"kernels", "specs", "models", "registry", "io", "fsmerge", "augment",
+                "methods"},
     "data": {"registry", "data"},
     "converters": {"io", "models", "registry", "converters"},
     # below the run: merges recipes with the methods, reads and writes through io
     "recipe": {"kernels", "io", "registry", "models", "specs", "methods", "recipe"},
+    # image augmentation for fits inside methods (FS-Merge, distillation)
+    "augment": set(),
+    # FS-Merge's SuperNet and fitting loop, below the methods that register them
+    "fsmerge": {"kernels", "io", "registry", "models", "specs", "augment", "fsmerge"},
 }
 # package prefix -> layer, most specific first; any other mergejax module is the run layer
 PREFIXES = [
     ("mergejax.kernels", "kernels"), ("mergejax.io", "io"), ("mergejax.registry", "registry"),
     ("mergejax.models", "models"), ("mergejax.specs", "specs"), ("mergejax.methods", "methods"),
     ("mergejax.data", "data"), ("mergejax.converters", "converters"),
-    ("mergejax.recipe", "recipe"),
+    ("mergejax.recipe", "recipe"), ("mergejax.augment", "augment"),
+    ("mergejax.fsmerge", "fsmerge"),
 ]
 
 

@@ -21,16 +21,17 @@ def test_mnist_vit_config_is_every_matching_method_on_mnist5k():
     assert full.model.name == "vit_tiny" and full.model.patch == 4
     assert full.merge.methods == quick.merge.methods == (
         "average", "average+repair", "weight_matching+repair", "permute+repair",
-        "zipit+repair", "mudsc+repair")
+        "permute[group_heads=False]+repair", "zipit+repair", "zipit[group_heads=False]+repair",
+        "mudsc+repair", "mudsc[group_heads=False]+repair")
     assert quick.train.epochs == 1 < full.train.epochs
 
 
 def test_mnist_vit_quick_runs_end_to_end(tmp_path):
     rows = experiment.run(load_config_file(ROOT / "configs" / "mnist_vit.py", "quick"), tmp_path)
     by_method = {r["method"]: r for r in rows}
-    assert list(by_method) == ["model_a", "model_b", "ensemble", "average", "average+repair",
-                               "weight_matching+repair", "permute+repair", "zipit+repair",
-                               "mudsc+repair"]
+    assert list(by_method) == ["model_a", "model_b", "ensemble",
+                               *load_config_file(ROOT / "configs" / "mnist_vit.py").merge.methods]
+    assert by_method["mudsc[group_heads=False]+repair"]["hparams"]["group_heads"] is False
     for r in rows:
         assert set(r["per_task_acc"]) == {"task_a", "task_b"}
         assert 0.0 <= r["joint_acc"] <= 1.0

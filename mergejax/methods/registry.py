@@ -23,6 +23,16 @@ halves of the field start from different inputs:
   N models' concatenated features there (`mergejax.statistics.collect`), collected by the
   caller when the method `needs` activations (an empty dict otherwise).
 
+- ``"learned"`` (merges fitted on a few images per task: FS-Merge, RegMean, distillation)::
+
+      fn(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
+         task_images: Sequence[np.ndarray], *, key: jax.Array, **hparams) -> LearnedMerge
+
+  `task_images[i]` (n_i, H, W, C) are task i's training images (the caller applies the image
+  budget); the method runs the endpoints itself and returns the merged `model` with one tree
+  per endpoint (shared trunk, endpoint i's head) and the fit's `history`
+  (`mergejax.methods.learned`). `needs` does not apply: it is for matching methods.
+
 Hyperparameter defaults live in one place, the function's signature: every keyword-only
 argument with a default other than `key` and `spaces` is a hyperparameter (`MergeMethod.hparams`).
 `search` maps a hyperparameter to the grid a finetune run searches on the validation split (it
@@ -46,7 +56,7 @@ from typing import Any
 
 from mergejax.registry import Registry
 
-FAMILIES = ("weight_space", "matching")
+FAMILIES = ("weight_space", "matching", "learned")
 # What a matching method reads: feature statistics at the taps, the endpoints' weights, both,
 # or nothing but the spec (identity averaging).
 NEEDS = ("activations", "weights", "both", "none")

@@ -394,8 +394,9 @@ def _merge_leaf(base, models, aux, i, thr, weights, lam, zero_sign, *, prep, tri
     for t, x in enumerate(_prepped(base, models, aux, i, prep)):
         if trim == "global":
             x = jnp.where(topk.abs_bits(x) >= thr[t], x, jnp.zeros_like(x))
-        elif trim is not None:  # ("tensor", density)
-            x = topk.keep_topk(x, trim[1])
+        elif trim == "tensor":  # thr[t] = this leaf's traced kth (>= 1): as topk.keep_topk
+            b = topk.abs_bits(x)
+            x = jnp.where(b >= topk.kth_smallest_bits(b, thr[t]), x, jnp.zeros_like(x))
         taus.append(x)
     if combine == "ta":
         merged = taus[0] * weights[0].astype(taus[0].dtype)
@@ -433,8 +434,9 @@ def merge_leaves(models: Models, *, combine: str = "sum", trim: str | None = Non
         thr = jnp.asarray(global_thresholds(models, density, prep=prep, aux=aux))
         trim_key = "global" if density < 1 else None
     elif trim == "tensor":
-        thr, trim_key = jnp.zeros(T, jnp.int32), (("tensor", float(density)) if density < 1
-                                                  else None)
+        # the per-leaf rank is passed traced (`leaf_thr`): one compiled kernel per leaf shape
+        # serves every density (a recipe search tries a new one on every trial)
+        thr, trim_key = jnp.zeros(T, jnp.int32), ("tensor" if density < 1 else None)
     else:
         thr, trim_key = jnp.zeros(T, jnp.int32), None
     ties = combine.startswith("ties-")
@@ -444,8 +446,14 @@ def merge_leaves(models: Models, *, combine: str = "sum", trim: str | None = Non
     add = models.base is not None if add_base is None else add_base
     lam_j, w_j = jnp.float32(lam), jnp.asarray(w)
 
+    def leaf_thr(i):
+        if trim_key != "tensor":
+            return thr
+        size = int(np.size(models.leaf(i)[1][0]))
+        return jnp.full(T, topk.topk_kth(size, density), jnp.int32)
+
     def run(i, zs):
-        return _merge_leaf(*models.leaf(i), aux, i, thr, w_j, lam_j, jnp.float32(zs),
+        return _merge_leaf(*models.leaf(i), aux, i, leaf_thr(i), w_j, lam_j, jnp.float32(zs),
                            prep=prep, trim=trim_key, combine=combine_key, add_base=add)
 
     results = stream(lambda i: run(i, 1.0), models.num_leaves)

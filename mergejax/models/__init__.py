@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mergejax.models.base import Model, Variables
+from mergejax.models.cct import CCT
 from mergejax.models.mlp import MLP
 from mergejax.models.resnet import ResNet
 from mergejax.models.resnet50 import ResNet50
@@ -45,6 +46,26 @@ _builder("vit", ViT, "head")
 _builder("vit_tiny", ViT, "head", width=32, depth=2, heads=4, patch=2, mlp_ratio=2.0)
 _builder("vit_b16", ViT, "head", width=768, depth=12, heads=12, patch=16, num_classes=1000)
 _builder("vit_b32", ViT, "head", width=768, depth=12, heads=12, patch=32, num_classes=1000)
+# torchvision's vit_b_16 / vit_b_32: the same module (eps 1e-6, 1000 classes), its own key names
+_builder("tv_vit_b_16", ViT, "head", width=768, depth=12, heads=12, patch=16, num_classes=1000)
+_builder("tv_vit_b_32", ViT, "head", width=768, depth=12, heads=12, patch=32, num_classes=1000)
+# open_clip's ViT-B visual towers: ln_pre, eps 1e-5, no conv bias, the head is `proj` (D, 512)
+# without bias; act="quick_gelu" for OpenAI's weights
+_CLIP = dict(width=768, depth=12, heads=12, num_classes=512, ln_pre=True, ln_eps=1e-5,
+             patch_bias=False, head_bias=False, act="gelu")
+_builder("clip_vit_b_16", ViT, "head", patch=16, **_CLIP)
+_builder("clip_vit_b_32", ViT, "head", patch=32, **_CLIP)
+
+_builder("cct", CCT, "fc")
+# The repository's named sizes (src/cct.py): L layers / kxC = kernel size x conv layers.
+_CCT_SIZES = {2: (128, 2, 1.0), 4: (128, 2, 1.0), 6: (256, 4, 2.0), 7: (256, 4, 2.0),
+              14: (384, 6, 3.0)}  # depth: (width, heads, mlp_ratio)
+for _depth, _kernel, _convs, _classes in ((2, 3, 2, 10), (4, 3, 2, 10), (6, 3, 1, 10),
+                                          (6, 3, 2, 10), (7, 3, 1, 10), (7, 3, 2, 10),
+                                          (7, 7, 2, 102), (14, 7, 2, 1000)):
+    _w, _h, _r = _CCT_SIZES[_depth]
+    _builder(f"cct_{_depth}_{_kernel}x{_convs}", CCT, "fc", width=_w, depth=_depth, heads=_h,
+             mlp_ratio=_r, kernel_size=_kernel, conv_layers=_convs, num_classes=_classes)
 
 
 def create(name: str, **kwargs) -> Model:

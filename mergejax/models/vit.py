@@ -11,6 +11,16 @@ the head reads the class token (timm's default); with "mean" pooling there is no
 `norm` acts on the token average (timm's `global_pool="avg"` `fc_norm`). LayerNorm epsilon 1e-6 and
 exact-erf GELU as timm and torch, so converted checkpoints give the torch logits. No dropout.
 
+Options for the other published layouts (defaults are timm's; `mergejax.models` registers
+torchvision's and open_clip's named sizes):
+- `ln_eps`: LayerNorm epsilon (open_clip 1e-5);
+- `ln_pre`: a LayerNorm `ln_pre` on the tokens after adding the positions, before the blocks
+  (open_clip / OpenAI CLIP);
+- `patch_bias`: the patch convolution has a bias (open_clip's `conv1` has none);
+- `head_bias`: the head has a bias (open_clip's `proj` is a bare (D, out) matrix);
+- `act`: the MLP nonlinearity, "gelu" (exact erf) or "quick_gelu" x * sigmoid(1.702 x)
+  (OpenAI's CLIP weights).
+
 Parameter names follow timm (`patch_embed`, `cls_token` (1, 1, D), `pos_embed` (1, T, D),
 `blocks_{i}/norm1`, `blocks_{i}/attn/{q,k,v,proj}`, `blocks_{i}/norm2`, `blocks_{i}/mlp/{fc1,fc2}`,
 `norm`, `head`), with timm's fused `qkv` split into `q`, `k`, `v`: a fused kernel would produce
@@ -18,8 +28,9 @@ two feature spaces (query/key and value/output) on one axis, which a merge spec 
 Head h owns the contiguous channels h*head_dim:(h+1)*head_dim of q, k, v and proj's input.
 
 Taps (see `mergejax.specs.architectures.vit_spec` for why these):
-- `stream` (B, T*(depth+1), D): the residual stream after the embedding and after every block,
-  all tokens, concatenated along the token axis;
+- `stream` (B, T*(depth+1), D): the residual stream after the embedding (after `ln_pre` if
+  set: what the first block reads) and after every block, all tokens, concatenated along the
+  token axis;
 - `blocks_{i}/attn/qko` (B, 3T, D): the queries, the keys and the attention output (heads
   concatenated, proj's input), concatenated along the token axis: the block's one attention space
   is produced by q, k and v and consumed by proj, so its statistics see every role;
@@ -36,12 +47,29 @@ import jax.numpy as jnp
 from mergejax.models.base import BN_KWARGS
 
 POOLS = ("cls", "mean")
-LN_EPS = 1e-6  # timm's LayerNorm epsilon
+LN_EPS = 1e-6  # timm's and torchvision's LayerNorm epsilon (open_clip: 1e-5)
+# MLP nonlinearities by name: exact GELU (timm, torchvision, open_clip) and OpenAI CLIP's
+# QuickGELU, which its published weights were trained with.
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
-    """torch-equivalent LayerNorm (eps 1e-6, two-pass variance)."""
-    return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
+def layer_norm(name: str, eps: float = LN_EPS) -> nn.LayerNorm:
+    """torch-equivalent LayerNorm (epsilon `eps`, two-pass variance)."""
+    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+    """Scaled dot-product attention of `heads` heads on (B, T, D) queries, keys and values;
+    head h owns channels h*D/heads:(h+1)*D/heads. Returns the heads' outputs (B, T, D)."""
+    b, t, d = q.shape
+    hd = d // heads
+    split = lambda y: y.reshape(b, t, heads, hd)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) * hd ** -0.5
+    weights = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, split(v)).reshape(b, t, d)
 
 
 class Attention(nn.Module):
@@ -51,27 +79,24 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, d = x.shape
-        hd = d // self.heads
+        d = x.shape[-1]
         q, k, v = (nn.Dense(d, name=n)(x) for n in ("q", "k", "v"))
-        split = lambda y: y.reshape(b, t, self.heads, hd)  # head h: channels h*hd:(h+1)*hd
-        scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) * hd ** -0.5
-        weights = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, split(v)).reshape(b, t, d)
+        out = attend(q, k, v, self.heads)
         self.sow("intermediates", "qko", jnp.concatenate([q, k, out], axis=1))
         return nn.Dense(d, name="proj")(out)
 
 
 class Mlp(nn.Module):
-    """fc1 - GELU (exact erf) - fc2."""
+    """fc1 - `act` (an ACTIVATIONS name; exact-erf GELU by default) - fc2."""
 
     hidden: int
+    act: str = "gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = nn.Dense(self.hidden, name="fc1")(x)
         self.sow("intermediates", "pre_hidden", h)
-        h = nn.gelu(h, approximate=False)
+        h = ACTIVATIONS[self.act](h)
         self.sow("intermediates", "hidden", h)
         return nn.Dense(x.shape[-1], name="fc2")(h)
 
@@ -81,16 +106,20 @@ class Block(nn.Module):
 
     heads: int
     mlp_hidden: int
+    act: str = "gelu"
+    ln_eps: float = LN_EPS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + Attention(self.heads, name="attn")(layer_norm("norm1")(x))
-        return x + Mlp(self.mlp_hidden, name="mlp")(layer_norm("norm2")(x))
+        x = x + Attention(self.heads, name="attn")(layer_norm("norm1", self.ln_eps)(x))
+        mlp = Mlp(self.mlp_hidden, self.act, name="mlp")
+        return x + mlp(layer_norm("norm2", self.ln_eps)(x))
 
 
 class ViT(nn.Module):
     """ViT of embedding width `width`, `depth` blocks of `heads` heads, `patch` x `patch`
-    patches, MLP width `width * mlp_ratio`, pooling "cls" or "mean"."""
+    patches, MLP width `width * mlp_ratio`, pooling "cls" or "mean"; `ln_eps`, `ln_pre`,
+    `patch_bias`, `head_bias`, `act` as in the module docstring."""
 
     num_classes: int = 10
     width: int = 64
@@ -99,6 +128,11 @@ class ViT(nn.Module):
     patch: int = 4
     mlp_ratio: float = 4.0
     pool: str = "cls"
+    ln_eps: float = LN_EPS
+    ln_pre: bool = False
+    patch_bias: bool = True
+    head_bias: bool = True
+    act: str = "gelu"
     bn_momentum: float = BN_KWARGS["momentum"]  # unused (no BatchNorm); uniform Model surface
 
     @property
@@ -114,6 +148,10 @@ class ViT(nn.Module):
         """Raises ValueError for inconsistent sizes (at construction, before any parameter)."""
         if self.pool not in POOLS:
             raise ValueError(f"ViT pool must be one of {POOLS}, got {self.pool!r}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"ViT act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
+        if not self.ln_eps > 0:
+            raise ValueError(f"ViT ln_eps must be > 0, got {self.ln_eps!r}")
         if self.heads < 1 or self.width % self.heads:
             raise ValueError(f"ViT width {self.width} must be a multiple of heads {self.heads}")
         if self.depth < 1 or self.patch < 1 or self.mlp_hidden < 1:
@@ -127,21 +165,23 @@ class ViT(nn.Module):
             raise ValueError(f"ViT: image size {x.shape[1:3]} is not a multiple of the patch "
                              f"size {self.patch}")
         x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch),
-                    padding="VALID", name="patch_embed")(x)
+                    padding="VALID", use_bias=self.patch_bias, name="patch_embed")(x)
         x = x.reshape(x.shape[0], -1, self.width)  # (B, H/p * W/p, D), row-major like timm
         if self.pool == "cls":
             cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
         pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], self.width))
         x = x + pos
+        if self.ln_pre:  # open_clip: the blocks read the normalised embedding
+            x = layer_norm("ln_pre", self.ln_eps)(x)
         stream = [x]
         for i in range(self.depth):
-            x = Block(self.heads, self.mlp_hidden, name=f"blocks_{i}")(x)
+            x = Block(self.heads, self.mlp_hidden, self.act, self.ln_eps, name=f"blocks_{i}")(x)
             stream.append(x)
         self.sow("intermediates", "stream", jnp.concatenate(stream, axis=1))
         if self.pool == "cls":
-            x = layer_norm("norm")(x)[:, 0]
+            x = layer_norm("norm", self.ln_eps)(x)[:, 0]
         else:
-            x = layer_norm("norm")(x.mean(axis=1))
+            x = layer_norm("norm", self.ln_eps)(x.mean(axis=1))
         self.sow("intermediates", "head_input", x)
-        return nn.Dense(self.num_classes, name="head")(x)
+        return nn.Dense(self.num_classes, use_bias=self.head_bias, name="head")(x)

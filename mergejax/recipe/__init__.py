@@ -32,7 +32,7 @@ from mergejax.recipe.checkpoint_io import (
     save_flat_safetensors,
 )
 from mergejax.recipe.cli import main, parser
-from mergejax.recipe.execute import merge
+from mergejax.recipe.execute import assign_tensors, merge, merge_flats
 from mergejax.recipe.output import run
 from mergejax.recipe.resolve import (
     COLLECTIONS,
@@ -44,12 +44,21 @@ from mergejax.recipe.resolve import (
     plan,
 )
 from mergejax.recipe.schema import DTYPES, METHODS, PARAMETERS, TOP_LEVEL, Method, RecipeError
-from mergejax.recipe.validate import ModelEntry, Recipe, load_recipe, parse
+from mergejax.recipe.validate import (
+    ModelEntry,
+    Recipe,
+    load_recipe,
+    load_recipes,
+    parse,
+    parse_all,
+)
 
 __all__ = [
     "COLLECTIONS", "DTYPES", "HEADS", "METHODS", "ORBAX_NAME", "PARAMETERS", "RECIPE_NAME",
     "SAFETENSORS_NAME", "TOP_LEVEL", "Flat", "Group", "Method", "ModelEntry", "Recipe",
-    "RecipeError", "check_same_trees", "evaluate_setting", "layer_key", "layer_positions",
-    "load_flat_safetensors", "load_recipe", "main", "merge", "parse", "parser", "plan",
+    "RecipeError", "assign_tensors", "check_same_trees", "evaluate_setting", "layer_key",
+    "layer_positions",
+    "load_flat_safetensors", "load_recipe", "load_recipes", "main", "merge", "merge_flats",
+    "parse", "parse_all", "parser", "plan",
     "read_model", "run", "save_flat_safetensors",
 ]

@@ -13,10 +13,11 @@ from mergejax.io.atomic import remove_stale_temporaries
 from mergejax.io.cli_errors import ArgumentParser, UsageError, run_cli
 from mergejax.recipe import checkpoint_io
 from mergejax.recipe.checkpoint_io import ORBAX_NAME, RECIPE_NAME, SAFETENSORS_NAME
+from mergejax.recipe.execute import assign_tensors
 from mergejax.recipe.output import run
 from mergejax.recipe.resolve import plan
 from mergejax.recipe.schema import DTYPES, METHODS, PARAMETERS, TOP_LEVEL, RecipeError
-from mergejax.recipe.validate import load_recipe
+from mergejax.recipe.validate import load_recipes
 
 PROG = "python -m mergejax.recipe"
 
@@ -67,16 +68,19 @@ def _main(argv: list[str]) -> int:
         raise UsageError("--out-dir is required (or pass --dry-run)")
     if args.out_dir:
         remove_stale_temporaries(Path(args.out_dir).absolute().parent)
-    recipe = load_recipe(args.recipe)
+    recipes = load_recipes(args.recipe)
     if args.dry_run:
-        names = sorted(checkpoint_io.read_model(recipe.members[0].path,
+        names = sorted(checkpoint_io.read_model(recipes[0].members[0].path,
                                                 allow_nonfinite=args.allow_nonfinite)[0])
-        for i, g in enumerate(plan(recipe, names)):
-            models = "; ".join(f"{m.ref}: {mp}" for m, mp in zip(recipe.members,
-                                                                 g.model_params) if mp)
-            print(f"group {i}: {g.params} {models}\n  " + "\n  ".join(g.names))
+        for j, (recipe, block) in enumerate(zip(recipes, assign_tensors(recipes, names))):
+            if len(recipes) > 1:
+                print(f"document {j}: {recipe.method.name} on {len(block)} tensor(s)")
+            for i, g in enumerate(plan(recipe, block) if block else []):
+                models = "; ".join(f"{m.ref}: {mp}" for m, mp in zip(recipe.members,
+                                                                     g.model_params) if mp)
+                print(f"group {i}: {g.params} {models}\n  " + "\n  ".join(g.names))
         return 0
-    print(run(recipe, args.out_dir, seed=args.random_seed, overwrite=args.overwrite,
+    print(run(recipes, args.out_dir, seed=args.random_seed, overwrite=args.overwrite,
               source=Path(args.recipe).read_text(), allow_nonfinite=args.allow_nonfinite))
     return 0
 

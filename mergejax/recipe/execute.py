@@ -14,7 +14,7 @@ draws from JAX keys (`--random-seed`); BatchNorm statistics are merged like any 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import numpy as np
 from mergejax.recipe import checkpoint_io
 from mergejax.recipe.checkpoint_io import Flat, check_same_trees
 from mergejax.recipe.resolve import Group, plan
-from mergejax.recipe.schema import DIV_EPS, Method
+from mergejax.recipe.schema import DIV_EPS, Method, RecipeError
 from mergejax.recipe.validate import Recipe
 from mergejax.specs import flatten, unflatten
 
@@ -134,45 +134,88 @@ def _dtype(name: str | None):
     return None if name is None else np.dtype(jnp.dtype(name))
 
 
-def merge(recipe: Recipe, *, seed: int = 0, allow_nonfinite: bool = False
-          ) -> tuple[Flat, dict]:
-    """Loads the inputs, plans and merges; returns (flat merged variables, info).
+def assign_tensors(recipes: Sequence[Recipe], names: Sequence[str]) -> list[list[str]]:
+    """The tensor names each document merges: a tensor goes to the first document whose
+    `tensors` substrings match it (no `tensors`: every tensor). RecipeError naming the tensors
+    no document takes."""
+    out: list[list[str]] = [[] for _ in recipes]
+    missed = []
+    for name in sorted(names):
+        for i, r in enumerate(recipes):
+            if r.tensors is None or any(t in name for t in r.tensors):
+                out[i].append(name)
+                break
+        else:
+            missed.append(name)
+    if missed:
+        raise RecipeError(f"no document's 'tensors' matches {len(missed)} tensor(s): "
+                          f"{', '.join(missed[:10])}{' ...' if len(missed) > 10 else ''}; add "
+                          "a last document without 'tensors' for the rest")
+    return out
 
-    `seed` seeds DARE: group i (in `plan` order) uses `fold_in(jax.random.key(seed), i)`.
-    `info` holds the plan summary and the input meta used for the output. Inputs must be
-    floating point and finite unless `allow_nonfinite` (`checkpoint_io.read_model`).
+
+def merge_flats(recipes: Recipe | Sequence[Recipe], inputs: Mapping[Path, Flat], *,
+                seed: int = 0) -> tuple[Flat, list[Group]]:
+    """Merges in memory: `inputs` maps every model path the recipes read to its flat variables
+    (identical trees). Returns (flat merged variables, the parameter groups in order).
+
+    `seed` seeds DARE: group i (in `plan` order) of a one-document recipe uses
+    `fold_in(jax.random.key(seed), i)`; document j of a multi-document recipe uses
+    `fold_in(fold_in(key(seed), j), i)`.
     """
     import jax
 
-    entries = ([recipe.base] if recipe.method.kind == "gta" else []) + recipe.members
+    recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
+    entries = [e for r in recipes
+               for e in ([r.base] if r.method.kind == "gta" else []) + r.members]
+    check_same_trees([(e.ref, inputs[e.path]) for e in entries])
+    in_dtypes = {k: v.dtype for k, v in inputs[entries[0].path].items()}
+    root = jax.random.key(seed)
+    out: Flat = {}
+    all_groups: list[Group] = []
+    for j, (recipe, names) in enumerate(zip(recipes, assign_tensors(recipes, sorted(in_dtypes)))):
+        if not names:
+            continue
+        key = root if len(recipes) == 1 else jax.random.fold_in(root, j)
+
+        def cast(flat: Flat, names=names, recipe=recipe) -> Flat:
+            dt = _dtype(recipe.dtype)
+            return {k: flat[k].astype(dt) if dt is not None else flat[k] for k in names}
+
+        base = cast(inputs[recipe.base.path]) if recipe.method.kind == "gta" else None
+        members = [cast(inputs[m.path]) for m in recipe.members]
+        groups = plan(recipe, names)
+        all_groups += groups
+        for i, g in enumerate(groups):
+            def sub(flat, names=g.names):
+                return unflatten({n: flat[n] for n in names})
+
+            merged = _merge_group(recipe.method, None if base is None else sub(base),
+                                  [sub(m) for m in members], g, jax.random.fold_in(key, i))
+            for name, value in flatten(merged).items():
+                value = np.asarray(value)
+                if recipe.dtype:  # results are in the compute dtype (as mergekit), then stored
+                    value = value.astype(_dtype(recipe.dtype))
+                with np.errstate(over="ignore"):  # an overflow is refused before writing
+                    out[name] = value.astype(in_dtypes[name] if recipe.out_dtype is None
+                                             else _dtype(recipe.out_dtype))
+    return out, all_groups
+
+
+def merge(recipes: Recipe | Sequence[Recipe], *, seed: int = 0, allow_nonfinite: bool = False
+          ) -> tuple[Flat, dict]:
+    """Loads the inputs, plans and merges (`merge_flats`); returns (flat merged variables, info).
+
+    `info` holds the plan summary and the input meta used for the output. Inputs must be
+    floating point and finite unless `allow_nonfinite` (`checkpoint_io.read_model`).
+    """
+    recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
+    entries = [e for r in recipes
+               for e in ([r.base] if r.method.kind == "gta" else []) + r.members]
     loaded: dict[Path, tuple[Flat, dict]] = {}
     for e in entries:
         if e.path not in loaded:
             loaded[e.path] = checkpoint_io.read_model(e.path, allow_nonfinite=allow_nonfinite)
-    check_same_trees([(e.ref, loaded[e.path][0]) for e in entries])
-    in_dtypes = {k: v.dtype for k, v in loaded[entries[0].path][0].items()}
-
-    def cast(flat: Flat) -> Flat:
-        return {k: v.astype(_dtype(recipe.dtype)) for k, v in flat.items()} if recipe.dtype \
-            else flat
-
-    base = cast(loaded[recipe.base.path][0]) if recipe.method.kind == "gta" else None
-    members = [cast(loaded[m.path][0]) for m in recipe.members]
-    groups = plan(recipe, sorted(in_dtypes))
-    root = jax.random.key(seed)
-    out: Flat = {}
-    for i, g in enumerate(groups):
-        def sub(flat, names=g.names):
-            return unflatten({n: flat[n] for n in names})
-
-        merged = _merge_group(recipe.method, None if base is None else sub(base),
-                              [sub(m) for m in members], g, jax.random.fold_in(root, i))
-        for name, value in flatten(merged).items():
-            value = np.asarray(value)
-            if recipe.dtype:  # results are in the compute dtype (as mergekit), then stored
-                value = value.astype(_dtype(recipe.dtype))
-            with np.errstate(over="ignore"):  # an overflow is refused before writing (output)
-                out[name] = value.astype(in_dtypes[name] if recipe.out_dtype is None
-                                         else _dtype(recipe.out_dtype))
+    out, groups = merge_flats(recipes, {p: flat for p, (flat, _) in loaded.items()}, seed=seed)
     meta = loaded[entries[0].path][1]
     return out, {"groups": groups, "input_meta": meta, "seed": seed}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +34,10 @@ class RecipeOutputError(RecipeError, OutputExistsError):
     """--out-dir refused: not empty without overwrite, or overlapping an input."""
 
 
-def _check_out_dir(out: Path, recipe: Recipe, overwrite: bool) -> None:
+def _check_out_dir(out: Path, recipes: list[Recipe], overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise RecipeOutputError(f"--out-dir {out} exists and is not a directory")
-    inputs = [e.path for e in (recipe.base, *recipe.models) if e is not None]
+    inputs = [e.path for r in recipes for e in (r.base, *r.models) if e is not None]
     try:
         check_output_path(out, inputs=inputs, overwrite=overwrite, what="--out-dir")
     except OutputExistsError as e:
@@ -53,8 +54,8 @@ def check_output_finite(flat) -> None:
                              "that overflows)") from None
 
 
-def run(recipe: Recipe, out_dir: str | os.PathLike, *, seed: int = 0, overwrite: bool = False,
-        source: str | None = None, allow_nonfinite: bool = False) -> str:
+def run(recipe: Recipe | Sequence[Recipe], out_dir: str | os.PathLike, *, seed: int = 0,
+        overwrite: bool = False, source: str | None = None, allow_nonfinite: bool = False) -> str:
     """Merges and writes `out_dir/{model.safetensors, orbax/, recipe.yml}`; returns a summary.
 
     Everything is written to a temporary sibling directory renamed into place at the end, so a
@@ -63,23 +64,26 @@ def run(recipe: Recipe, out_dir: str | os.PathLike, *, seed: int = 0, overwrite:
     Inputs must be finite unless `allow_nonfinite`; the output must be finite in any case
     (NonFiniteError naming the tensor, nothing written).
     """
+    recipes = [recipe] if isinstance(recipe, Recipe) else list(recipe)
     out = Path(os.path.abspath(out_dir))
-    _check_out_dir(out, recipe, overwrite)
-    flat, info = merge(recipe, seed=seed, allow_nonfinite=allow_nonfinite)
+    _check_out_dir(out, recipes, overwrite)
+    flat, info = merge(recipes, seed=seed, allow_nonfinite=allow_nonfinite)
     check_output_finite(flat)
-    raw_json = json.dumps(recipe.raw, sort_keys=True, default=str)
+    raws = [dict(r.raw) for r in recipes]
+    raw_json = json.dumps(raws[0] if len(raws) == 1 else raws, sort_keys=True, default=str)
     keep = ("model", "model_kwargs", "arch", "input_shape")
     meta = {k: info["input_meta"][k] for k in keep if k in info["input_meta"]}
+    methods = [r.method.name for r in recipes]
     meta.update(source="mergejax.recipe", recipe=json.loads(raw_json), seed=seed,
-                merge_method=recipe.method.name)
+                merge_method=methods[0] if len(methods) == 1 else methods)
     with atomic_dir(out) as tmp:
         save_flat_safetensors(tmp / SAFETENSORS_NAME, flat,
                               {"recipe": raw_json, "seed": str(seed)})
         checkpoint.save(tmp / ORBAX_NAME, unflatten(flat), meta)
-        (tmp / RECIPE_NAME).write_text(source or yaml.safe_dump(dict(recipe.raw)))
+        (tmp / RECIPE_NAME).write_text(source or yaml.safe_dump_all(raws, sort_keys=False))
     n = sum(int(np.size(v)) for v in flat.values())
     dtypes = ",".join(sorted({str(v.dtype) for v in flat.values()}))
-    k = len(recipe.members)
-    return (f"{recipe.method.name}: merged {k} model{'s' * (k != 1)} into {out} "
+    k = len(recipes[0].members)
+    return (f"{'+'.join(methods)}: merged {k} model{'s' * (k != 1)} into {out} "
             f"({len(flat)} tensors, {n:,} values, {dtypes}, {len(info['groups'])} parameter "
             f"group(s))")

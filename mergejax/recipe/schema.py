@@ -70,7 +70,10 @@ PARAMETERS: dict[str, tuple[str, str, Any, str]] = {
     "t": ("global", "number", (0, 1, False, False), "slerp factor, [0, 1] (required)"),
 }
 DTYPES = ("float32", "float16", "bfloat16")
-TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
+# `tensors` is mergejax's extension for multi-document recipes (one mergekit recipe per block, as
+# AutoMerge writes them): the substrings selecting the tensors this document merges.
+TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+             "tensors")
 MERGEKIT_ONLY = ("slices", "modules", "tokenizer", "tokenizer_source", "chat_template")
 DIV_EPS = 1e-8  # mergekit: |sum of weights| below this divides by 1
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class Recipe:
     dtype: str | None
     out_dtype: str | None
     raw: Mapping[str, Any]
+    tensors: tuple[str, ...] | None = None  # multi-document recipes: this block's filters
 
     @property
     def members(self) -> list[ModelEntry]:
@@ -203,6 +204,13 @@ def parse(raw: Any, *, check_files: bool = True) -> Recipe:
     for key in ("dtype", "out_dtype"):
         if raw.get(key) is not None and raw[key] not in DTYPES:
             errs.append(f"{key} {raw[key]!r} is not supported; supported: {', '.join(DTYPES)}")
+    tensors = raw.get("tensors")
+    if tensors is not None:
+        if (not isinstance(tensors, list) or not tensors
+                or not all(isinstance(t, str) and t for t in tensors)):
+            errs.append(f"'tensors' must be a non-empty list of name substrings (e.g. "
+                        f"[params/layer1_]), got {tensors!r}")
+        tensors = tuple(tensors) if isinstance(tensors, list) else None
     if check_files:
         for p in sorted(paths):
             if (err := _input_error(p)) is not None:
@@ -210,7 +218,7 @@ def parse(raw: Any, *, check_files: bool = True) -> Recipe:
     if errs:
         raise RecipeError("\n".join(errs))
     return Recipe(method, base, tuple(models), dict(params), raw.get("dtype"),
-                  raw.get("out_dtype"), raw)
+                  raw.get("out_dtype"), raw, tensors)
 
 
 def _param_errors(method: Method, p, setting, where: str, per_model: bool) -> list[str]:
@@ -222,12 +230,60 @@ def _param_errors(method: Method, p, setting, where: str, per_model: bool) -> li
     return [f"{where}: {p}: {e}" for e in _setting_errors(method.name, p, setting)]
 
 
-def load_recipe(path: str | os.PathLike, *, check_files: bool = True) -> Recipe:
-    """Reads and validates the YAML recipe at `path` (see `parse`)."""
+def parse_all(docs: Sequence[Any], *, check_files: bool = True) -> list[Recipe]:
+    """Validates the documents of a recipe file (see `parse`); raises RecipeError naming the
+    document at fault.
+
+    One document is a plain mergekit recipe. Several documents merge one model block by block
+    (AutoMerge writes one mergekit recipe per block): each document but the last names the
+    tensors it merges with `tensors` (name substrings; a tensor goes to the first document
+    that matches it), the last may omit it (the rest). Every document reads the same models.
+    """
+    docs = [d for d in docs if d is not None]
+    if not docs:
+        raise RecipeError("the recipe file holds no document")
+    if len(docs) == 1:
+        return [parse(docs[0], check_files=check_files)]
+    recipes, errs = [], []
+    for i, d in enumerate(docs):
+        try:
+            recipes.append(parse(d, check_files=check_files))
+        except RecipeError as e:
+            errs.append(f"document {i}: {e}")
+    if errs:
+        raise RecipeError("\n".join(errs))
+    for i, r in enumerate(recipes[:-1]):
+        if r.tensors is None:
+            raise RecipeError(f"document {i} of {len(recipes)} has no 'tensors': only the last "
+                              "document of a multi-document recipe may merge 'the rest'")
+    inputs = [_inputs(r) for r in recipes]
+    for i, s in enumerate(inputs[1:], start=1):
+        if s != inputs[0]:
+            raise RecipeError(f"document {i} reads models {sorted(map(str, s))} but document 0 "
+                              f"reads {sorted(map(str, inputs[0]))}: every document of a "
+                              "multi-document recipe must read the same models")
+    return recipes
+
+
+def _inputs(r: Recipe) -> set[Path]:
+    """Every checkpoint a document's models reads, base_model included."""
+    return {m.path for m in r.models} | ({r.base.path} if r.base is not None else set())
+
+
+def load_recipes(path: str | os.PathLike, *, check_files: bool = True) -> list[Recipe]:
+    """Reads and validates every document of the YAML recipe file at `path` (`parse_all`)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        docs = list(yaml.safe_load_all(Path(path).read_text()))
     except OSError as e:
         raise RecipeError(f"cannot read recipe {path}: {e}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
-    return parse(raw, check_files=check_files)
+    return parse_all(docs, check_files=check_files)
+
+
+def load_recipe(path: str | os.PathLike, *, check_files: bool = True) -> Recipe:
+    """Reads and validates the one-document YAML recipe at `path` (see `parse`)."""
+    recipes = load_recipes(path, check_files=check_files)
+    if len(recipes) != 1:
+        raise RecipeError(f"recipe {path} holds {len(recipes)} documents; use load_recipes")
+    return recipes[0]

@@ -129,7 +129,7 @@ def apply_merge(spec: MergeSpec, variables: Sequence[Mapping[str, Any]],
                 per_model = [sum(per_model) / n_models] * n_models
             for out, leaf in zip(outs, per_model):
                 out[path] = leaf
-    dtypes = {k: np.result_type(v) for k, v in flats[0].items()}
+    dtypes = {k: v.dtype if hasattr(v, "dtype") else np.result_type(v) for k, v in flats[0].items()}
     return [unflatten({k: v if isinstance(v, jax.core.Tracer) else np.asarray(v, dtypes[k])
                        for k, v in out.items()}) for out in outs]
 

@@ -132,9 +132,10 @@ def vit_spec(model: Model) -> MergeSpec:
     one MLP hidden space.
 
     - `stream` (width D) is shared by everything that reads or writes the residual stream: the
-      patch embedding's outputs, the class token, the position embeddings, every LayerNorm's
-      scale and bias, the projections that write it (attn/proj, mlp/fc2), those that read it
-      (attn/q, k, v, mlp/fc1), the final LayerNorm, and the head (which consumes it).
+      patch embedding's outputs, the class token, the position embeddings, `ln_pre` (open_clip;
+      if set), every LayerNorm's scale and bias, the projections that write it (attn/proj,
+      mlp/fc2), those that read it (attn/q, k, v, mlp/fc1), the final LayerNorm, and the head
+      (which consumes it; with or without a bias).
     - `blocks_{i}/attn` (D, `groups=heads`): produced by q, k and v (kernels and biases) alike,
       consumed by attn/proj. Group matching moves heads as units, so head h of the merged model
       reads one head of each endpoint, in q, k and v alike.
@@ -168,10 +169,12 @@ def vit_spec(model: Model) -> MergeSpec:
     d = m.width
     b = SpecBuilder()
     stream = b.space("stream", d, "stream")
-    b.conv("patch_embed", None, stream, bias=True)
+    b.conv("patch_embed", None, stream, bias=m.patch_bias)
     if m.pool == "cls":
         b.leaf("params/cls_token", Axis(2, stream, True))
     b.leaf("params/pos_embed", Axis(2, stream, True))
+    if m.ln_pre:  # open_clip's LayerNorm on the embedding: scale and bias along the stream
+        b.norm("ln_pre", stream, running_stats=False)
     for i in range(m.depth):
         blk = f"blocks_{i}"
         attn = b.space(f"{blk}/attn", d, f"{blk}/attn/qko", groups=m.heads)
@@ -185,9 +188,81 @@ def vit_spec(model: Model) -> MergeSpec:
         b.dense(f"{blk}/mlp/fc1", stream, mlp)
         b.dense(f"{blk}/mlp/fc2", mlp, stream)
     b.norm("norm", stream, running_stats=False)
-    b.head("head", stream)
+    b.head("head", stream, bias=m.head_bias)
     return b.build()
 
 
-for _name in ("vit", "vit_tiny", "vit_b16", "vit_b32"):
+for _name in ("vit", "vit_tiny", "vit_b16", "vit_b32", "tv_vit_b_16", "tv_vit_b_32",
+              "clip_vit_b_16", "clip_vit_b_32"):
     register(_name)(vit_spec)
+
+
+def cct_spec(model: Model) -> MergeSpec:
+    """CCT (`mergejax.models.cct`): the tokenizer's intermediate channel spaces, one residual
+    stream, and per block one attention space and one MLP hidden space.
+
+    - `tokenizer/conv_{j}` (`conv_width`), j < conv_layers - 1: produced by convolution j,
+      consumed by convolution j+1; no `pre_tap`, since the convolutions have no bias for REPAIR
+      to fold a shift into.
+    - `stream` (width D) is shared by everything that reads or writes the residual stream: the
+      last tokenizer convolution (whose output channels are the tokens), the positions
+      (learnable or the sine table alike: both are added to the stream), every LayerNorm's scale
+      and bias (pre_norm, norm1, norm), the projections that write it (attn/proj, mlp/fc2),
+      those that read it (attn/q, k, v, mlp/fc1), the sequence pooling's `attention_pool` and the
+      classifier `fc`. CCT's norm1 *replaces* the stream by its normalisation, which a channel
+      permutation (with norm1's scale and bias) commutes with, so it stays one space.
+    - `blocks_{i}/attn` (D, `groups=heads`): produced by q, k and v (kernels only: the fused
+      `qkv` has no bias), consumed by attn/proj; one tied head pairing for all four, for the
+      reasons given in `vit_spec`.
+    - `blocks_{i}/mlp` (D * mlp_ratio): produced by fc1, consumed by fc2; REPAIR rescales fc1's
+      output (`pre_tap`).
+    - `attention_pool` (Linear(D, 1)) consumes the stream and produces one token score, which no
+      merge touches: like the classifier it is a tail, kept per model with the unmerge folded
+      into its input (each task's merged model pools with its own endpoint's scorer; the shared
+      trunk ends at the final `norm`).
+
+    Taps. `stream` pools, as rows of one D-wide feature, the residual stream wherever a layer
+    reads it: the tokens with positions (block 0's input), and per block norm1's output (read by
+    fc1 and carried by the MLP's residual) and the block's output (read by the next pre_norm and
+    carried by its attention residual), every token (B*T*(2*depth+1) rows). One transform acts
+    on the stream at every depth, so every depth votes, as in `vit_spec`; since norm1
+    renormalises the stream in every block, its scale does not grow with depth as a pre-norm
+    ViT's does, and later depths do not outweigh earlier ones in the pooled statistics.
+    The final norm's output is seen only through `head_input` (the pooled features `fc` reads).
+    `attn` pools the queries, keys and attention output of every token; `mlp` is fc1's output
+    after the GELU; the tokenizer spaces are the ReLU-and-max-pooled maps the next convolution
+    reads.
+    """
+    m = model.module
+    d = m.width
+    b = SpecBuilder()
+    prev = None
+    for j in range(m.conv_layers):  # the last convolution writes the stream's tokens
+        out = (b.space("stream", d, "stream") if j == m.conv_layers - 1 else
+               b.space(f"tokenizer/conv_{j}", m.conv_width, f"tokenizer/act_{j}"))
+        b.conv(f"tokenizer/conv_{j}", prev, out)
+        prev = out
+    stream = prev
+    if m.positional != "none":
+        b.leaf("params/positional_emb", Axis(2, stream, True))
+    for i in range(m.depth):
+        blk = f"blocks_{i}"
+        attn = b.space(f"{blk}/attn", d, f"{blk}/attn/qko", groups=m.heads)
+        mlp = b.space(f"{blk}/mlp", m.mlp_hidden, f"{blk}/mlp/hidden",
+                      pre_tap=f"{blk}/mlp/pre_hidden")
+        b.norm(f"{blk}/pre_norm", stream, running_stats=False)
+        for name in ("q", "k", "v"):
+            b.dense(f"{blk}/attn/{name}", stream, attn, bias=False)
+        b.dense(f"{blk}/attn/proj", attn, stream)
+        b.norm(f"{blk}/norm1", stream, running_stats=False)
+        b.dense(f"{blk}/mlp/fc1", stream, mlp)
+        b.dense(f"{blk}/mlp/fc2", mlp, stream)
+    b.norm("norm", stream, running_stats=False)
+    b.head("attention_pool", stream)  # a tail: consumes the stream, its one score is not merged
+    b.head("fc", stream)
+    return b.build()
+
+
+for _name in ("cct", "cct_2_3x2", "cct_4_3x2", "cct_6_3x1", "cct_6_3x2", "cct_7_3x1",
+              "cct_7_3x2", "cct_7_7x2", "cct_14_7x2"):
+    register(_name)(cct_spec)

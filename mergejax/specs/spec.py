@@ -168,10 +168,12 @@ class SpecBuilder:
             for name in ("mean", "var"):
                 self.leaf(f"batch_stats/{path}/{name}", Axis(0, space, True))
 
-    def head(self, path: str, space_in: str) -> None:
-        """A task head: consumes `space_in`, produces logits (never merged: a tail)."""
+    def head(self, path: str, space_in: str, bias: bool = True) -> None:
+        """A task head: consumes `space_in`, produces logits (never merged: a tail); `bias`
+        False for a bare matrix (open_clip's `proj`)."""
         self.leaf(f"params/{path}/kernel", Axis(0, space_in, False))
-        self.leaf(f"params/{path}/bias")
+        if bias:
+            self.leaf(f"params/{path}/bias")
 
     def build(self) -> MergeSpec:
         """The finished spec."""

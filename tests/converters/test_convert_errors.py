@@ -82,4 +82,4 @@ def test_mlp_first_layer_needs_the_input_shape():
 
 def test_unknown_arch_lists_the_known_ones():
     with pytest.raises(KeyError, match="resnet20.*tv_vgg16"):
-        from_torch({}, "vit_b16")
+        from_torch({}, "vit_h14")
