@@ -31,10 +31,11 @@ def _temporaries(work: Path) -> list[Path]:
 
 def _rows(work: Path) -> list[dict]:
     """results.json parsed strictly (no NaN / inf), or [] before the first write."""
-    path = work / "results.json"
-    if not path.exists():
+    try:
+        text = (work / "results.json").read_text()
+    except FileNotFoundError:  # not written yet, or just moved aside by a starting run
         return []
-    rows = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    rows = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert isinstance(rows, list)
     for r in rows:  # finished rows only
         assert r["method"] and "error" not in r and r["joint_acc"] is not None, r
