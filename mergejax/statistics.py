@@ -73,15 +73,13 @@ def collect(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
         for x in batches:
             states = step(states, list(endpoints), x)
             seen += 1
-        batches = ()
-    fn = taps_fn(model, tuple(sorted({s.tap for s in wanted})))
-    for x in batches:
-        taps = fn(list(endpoints), x)
-        if mesh is not None:  # let the tap computation finish before collectives start
-            taps = jax.block_until_ready(taps)
-        for s in wanted:
-            states[s.name] = states[s.name].update(taps[s.tap], mesh=mesh)
-        seen += 1
+    else:  # sharded updates: the taps are finished before the collectives start
+        fn = taps_fn(model, tuple(sorted({s.tap for s in wanted})))
+        for x in batches:
+            taps = jax.block_until_ready(fn(list(endpoints), x))
+            for s in wanted:
+                states[s.name] = states[s.name].update(taps[s.tap], mesh=mesh)
+            seen += 1
     if not seen:
         raise ValueError("statistics need at least one batch of images")
     return {s.name: states[s.name].finalize(name=s.tap, widths=[s.width] * n_models)

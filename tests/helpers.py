@@ -58,6 +58,19 @@ class Problem:
                              key=self.key, hparams=hparams)
 
 
+def model_b_permutations(spec, transforms):
+    """`{space: perm}` read off a full two-model alignment: B's block of each unmerge must be a
+    permutation (asserted), and merged feature j is B's feature perm[j]."""
+    perms = {}
+    for space in spec.spaces:
+        n = space.width
+        unmerge_b = np.asarray(transforms[space.name][1])[n:]  # (B's features, merged features)
+        assert unmerge_b.shape == (n, n) and ((unmerge_b != 0).sum(axis=0) == 1).all()
+        perms[space.name] = np.argmax(unmerge_b != 0, axis=0)
+        assert sorted(perms[space.name]) == list(range(n)), space.name
+    return perms
+
+
 def random_trees(shapes, n, seed=0):
     """A base tree of standard normal leaves with `shapes` ({name: shape}) and `n` fine-tuned
     trees, each the base plus standard normal noise (float32)."""

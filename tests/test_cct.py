@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import Problem
+from helpers import Problem, model_b_permutations
 
 import mergejax as mj
 from mergejax import kernels, methods, models, specs
@@ -271,13 +271,7 @@ def test_mudsc_permute_alignment_keeps_each_model_s_function(x, pair):
     model, spec, problem = pair
     out = problem.run("mudsc", matcher="permute", fix_rate=0.0, iters=5, tol=2)
     vb = problem.endpoints[1]
-    perms = {}
-    for space in spec.spaces:
-        n = space.width
-        unmerge_b = np.asarray(out[space.name][1])[n:]  # (B's features, merged features)
-        assert unmerge_b.shape == (n, n) and ((unmerge_b != 0).sum(axis=0) == 1).all()
-        perms[space.name] = np.argmax(unmerge_b != 0, axis=0)  # merged j is B's feature perm[j]
-        assert sorted(perms[space.name]) == list(range(n)), space.name
+    perms = model_b_permutations(spec, out)
     [moved] = specs.apply_merge(spec, [vb], specs.permutation_transforms(perms))
     np.testing.assert_allclose(_logits(model, moved, x), _logits(model, vb, x), atol=1e-4)
 

@@ -289,7 +289,7 @@ def test_batched_scores_equal_the_recipe_runners_and_a_population_run_works(tmp_
     config = _search_config(methods=("ties", "task_arithmetic", "dare_ties"))
     setup = finetune.prepare(config, tmp_path)
     flats = [flatten({"params": b}) for b in [setup.base_backbone, *setup.backbones]]
-    space = space_from_config(config, sorted(flats[0]))
+    space = space_from_config(config, sorted(flats[0]), len(setup.tasks))
     points = [space.sample(NumpyTrial(np.random.default_rng(5))) for _ in range(6)]
     got = batched_scorer(setup, space, flats, config.seed, 64)(points)
     refs = [Path(f"/in/{i}") for i in range(3)]

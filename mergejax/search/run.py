@@ -43,20 +43,14 @@ from mergejax.specs import flatten, unflatten
 SEARCH_DIR = "search"
 
 
-def space_from_config(config, names) -> SearchSpace:
-    """The search space of `config.search` over the backbone tensors `names`."""
+def space_from_config(config, names, num_models: int) -> SearchSpace:
+    """The search space of `config.search` over the backbone tensors `names` of `num_models`
+    fine-tuned models."""
     s = config.search
     groups = [tuple(g) for g in s.blocks] or None
-    return SearchSpace(model_blocks(names, groups), num_models=len(config_tasks(config)),
+    return SearchSpace(model_blocks(names, groups), num_models=num_models,
                        methods=tuple(s.methods), weight=tuple(s.weight),
                        density=tuple(s.density), lam=tuple(s.lam))
-
-
-def config_tasks(config):
-    """The run's tasks (as `mergejax.run_setup.load_tasks` makes them), without loading data."""
-    from mergejax.run_setup import load_tasks
-
-    return load_tasks(config)[1]
 
 
 def recipe_yaml(docs, header: str) -> str:
@@ -111,7 +105,7 @@ def run_search_kind(config, workdir: Path, emit: Callable[[dict], None] | None =
         save_flat_safetensors(path, flat)  # atomic; the same bytes on a resumed run
     inputs = {Path(os.path.abspath(p)): flat for p, flat in zip(paths, flats)}
     refs = [str(Path(os.path.abspath(p))) for p in paths]
-    space = space_from_config(config, sorted(flats[0]))
+    space = space_from_config(config, sorted(flats[0]), len(s.tasks))
     logging.info("search blocks: %s", {b: len(n) for b, n in space.blocks.items()})
     reset = bool(config.search.reset)
 
