@@ -5,7 +5,12 @@
 
 On a cluster, run the same command on every host with --distributed (jax.distributed picks up
 Slurm / Kubernetes / Cloud TPU settings; elsewhere pass --coordinator, --num_processes and
---process_id).
+--process_id, or set MERGEJAX_COORDINATOR, MERGEJAX_NUM_PROCESSES, MERGEJAX_PROCESS_ID). Every
+stage is data-parallel over all devices of all processes; process 0 alone writes the workdir.
+Two local CPU processes:
+
+    for i in 0 1; do python launch.py --config=configs/digits_mlp.py:quick --workdir=W \
+      --distributed --coordinator=localhost:12345 --num_processes=2 --process_id=$i & done; wait
 
 Errors are one line on stderr (what, where, how to fix): exit code 2 for usage errors (bad
 flags or config, all problems listed at once), 1 for failures (including methods that failed
@@ -26,7 +31,8 @@ from mergejax.io.cli_errors import UsageError, debug_enabled, exit_code, format_
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for endpoints and results.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Run as one of several processes "
+                                  "(jax.distributed.initialize()).")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -110,8 +116,9 @@ def main(argv):
         cache = compile_cache.enable()  # before any compile; MERGEJAX_COMPILE_CACHE=off disables
         logging.info("compilation cache: %s", cache or "off")
         if _DISTRIBUTED.value:
-            jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                       _PROCESS_ID.value)
+            from mergejax import distributed
+
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
                      jax.devices())
         logging.info("config file: %s", config_flags.get_config_filename(flags.FLAGS["config"]))

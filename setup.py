@@ -42,7 +42,9 @@ EXTRAS = {
     # recipe search (`config.kind = "search"`): TPE and CMA-ES samplers, SQLite trial storage.
     "search": ["optuna>=4", "cmaes"],
     "test": ["pytest>=8", "pytest-benchmark", "ruff", "wheel", "torch==2.13.0", "mlxtend",
-             "optuna>=4", "cmaes"],
+             "optuna>=4", "cmaes",
+             # tests/test_recipe_hf.py builds a tiny Llama (no torch dependency of its own)
+             "transformers>=5"],
 }
 
 SUBPACKAGES = ["io", "models", "specs", "methods", "data", "recipe", "search", "fsmerge"]
@@ -60,5 +62,6 @@ setup(
         "mergejax.converters": "converters",
     },
     install_requires=INSTALL_REQUIRES,
+    entry_points={"console_scripts": ["mergejax-recipe = mergejax.recipe.cli:main"]},
     extras_require=EXTRAS,
 )

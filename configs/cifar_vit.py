@@ -36,6 +36,7 @@ def get_config(arg=None):
                        "mudsc[group_heads=False]+repair")
     c.merge.repair_batches = 20
     if args.quick:
+        c.diagnostics.points = 3  # a smoke run: the curves' ends and middle
         shrink_for_mock_data(c)
         c.model.width = 16  # 4 heads of 4: the smallest width with several per head
         c.model.depth = 1

@@ -49,6 +49,7 @@ def get_config(arg=None):
     c.merge.zipit.alpha = 0.5
     c.merge.zipit.beta = 1.0
     if args.quick:
+        c.diagnostics.points = 3  # a smoke run: the curves' ends and middle
         c.model.width = 1
         c.train.epochs = 1
         c.data.stat_batches = 2  # still in order, still per_batch, just fewer images

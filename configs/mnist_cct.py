@@ -53,6 +53,7 @@ def get_config(arg=None):
     c.finetune.batch_size = 32  # 1,500 images per task: ~47 steps per epoch
     c.merge.methods = METHODS
     if args.quick:
+        c.diagnostics.points = 3  # a smoke run: the curves' ends and middle
         c.model.width = 16
         c.model.depth = 1
         c.model.heads = 2

@@ -50,6 +50,7 @@ def get_config(arg=None):
     c.merge.zipit.alpha = 0.5  # as in digits_vit.py
     c.merge.zipit.beta = 1.0
     if args.quick:
+        c.diagnostics.points = 3  # a smoke run: the curves' ends and middle
         c.model.width = 16
         c.model.depth = 1
         c.train.epochs = 1

@@ -6,7 +6,8 @@ insert reshards for inputs that arrive with another sharding; meshes with ``Expl
 accepted too (see :func:`constrain`).
 
 Multi-host: call ``jax.distributed.initialize()`` first; every process then passes its own
-``global_batch // process_count`` examples to :func:`shard_batch`.
+``global_batch // process_count`` examples to :func:`shard_batch`. A run's stages take their
+mesh and batches from ``mergejax.distributed`` (one mesh per run, built on these helpers).
 """
 
 from collections.abc import Sequence

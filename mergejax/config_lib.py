@@ -11,6 +11,17 @@ import os
 
 import ml_collections
 
+# `config.diagnostics` (mergejax.diagnostics, WORKDIR/report.md): what a run explains itself
+# with. A config without the section gets these; `curves` applies to two-model matching runs.
+DIAGNOSTICS = dict(
+    enabled=True,  # False: no diagnostics.json, plots of diagnostics or report.md
+    curves=True,  # loss / accuracy along the line between the endpoints, per alignment
+    points=11,  # K points t = 0, 1/(K-1), ..., 1 on each curve
+    curve_methods=("naive", "permute", "weight_matching", "zipit", "mudsc"),
+    match_quality=True,  # matched correlations per feature space
+    task_vectors=True,  # weight-space runs: cosines, sign conflicts, TALL mask shares
+    sweeps=True)  # weight-space runs: validation score of every searched candidate
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """Parses "a=1,b=x,flag" into a ConfigDict typed like `defaults` (unknown keys rejected)."""
@@ -82,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
         population=1))
     c.endpoints = ml_collections.ConfigDict(dict(checkpoints=()))
     c.export = ml_collections.ConfigDict(dict(formats=()))
+    c.diagnostics = ml_collections.ConfigDict(DIAGNOSTICS)
     return c
 
 
@@ -111,6 +123,7 @@ def matching_cifar_config(arg: str | None, *, dataset: str, model: str, width: i
                        "zipit+repair", "mudsc+repair")
     c.merge.repair_batches = 20
     if args.quick:
+        c.diagnostics.points = 3  # a smoke run: the curves' ends and middle
         shrink_for_mock_data(c)
     return c
 

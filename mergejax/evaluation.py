@@ -9,6 +9,10 @@ model with per-task heads (or per-model tails after partial zipping) is several.
 - per task t: on t's examples, argmax over the head outputs that belong to t's classes (0 when
   no head covers t);
 - task average: the mean of the per-task accuracies.
+
+Forward passes are data-parallel: each batch is sharded over the `data` axis of the run's mesh
+(`mergejax.distributed`), the variables replicated, the logits gathered (replicated) for the
+host-side metrics; padded rows are dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from mergejax import distributed
 from mergejax.data import Task, eval_batches, union
 from mergejax.models import Model, Variables
 
@@ -26,15 +31,21 @@ Head = tuple[Variables, Task]
 
 
 @functools.lru_cache(maxsize=32)
-def _apply_fn(model: Model):
-    return jax.jit(model.apply)
+def _apply_fn(model: Model, mesh: jax.sharding.Mesh):
+    return jax.jit(model.apply, out_shardings=distributed.replicated_sharding(mesh))
 
 
-def logits(model: Model, variables: Variables, images: np.ndarray, batch_size: int = 256
-           ) -> np.ndarray:
-    """Eval-mode logits (N, C) of `images` (N, H, W, C), in fixed-size batches."""
-    apply = _apply_fn(model)
-    out = [np.asarray(apply(variables, x))[:n] for x, n in eval_batches(images, batch_size)]
+def logits(model: Model, variables: Variables, images: np.ndarray, batch_size: int = 256,
+           mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+    """Eval-mode logits (N, C) of `images` (N, H, W, C), in fixed-size batches sharded over
+    the `data` axis of `mesh` (default: the run's mesh)."""
+    mesh = distributed.mesh() if mesh is None else mesh
+    apply = _apply_fn(model, mesh)
+    variables = distributed.replicate(variables, mesh)
+    out = []
+    for x, n in eval_batches(images, batch_size):
+        xs, _ = distributed.put_batch(x, mesh)  # padded rows are cut off below
+        out.append(distributed.to_host(distributed.wait(apply(variables, xs), mesh))[:n])
     return np.concatenate(out)
 
 

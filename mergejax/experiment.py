@@ -17,11 +17,13 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import tempfile
 import uuid
 from pathlib import Path
 
 import mergejax.search.run  # noqa: F401  (the search kind registers)
-from mergejax import finetune, multitask, results, validation  # noqa: F401  (kinds register)
+from mergejax import distributed, finetune, multitask, results, validation  # noqa: F401
+from mergejax.diagnostics import report
 from mergejax.io.atomic import atomic_write_text, remove_stale_temporaries
 from mergejax.kinds import KINDS
 from mergejax.run_setup import check_workdir, workdir_lock
@@ -43,7 +45,7 @@ def version() -> str:
 
 def _remove_temporaries(workdir: Path) -> None:
     """Deletes what killed runs left half-written (we hold the lock: none is in progress)."""
-    for folder in (workdir, workdir / "endpoints", workdir / "export"):
+    for folder in (workdir, workdir / "endpoints", workdir / "export", workdir / "plots"):
         for path in remove_stale_temporaries(folder, older_than_s=0.0):
             logging.warning("removed %s, left half-written by a killed run", path)
 
@@ -57,17 +59,26 @@ def failed(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("error")]
 
 
-def run(config, workdir: str | os.PathLike) -> list[dict]:
+def run(config, workdir: str | os.PathLike, *, _scratch: bool = False) -> list[dict]:
     """Runs the experiment `config.kind` and writes results into `workdir`; returns the rows.
+
+    On several processes (`launch.py --distributed`) every process runs the same program (its
+    collectives must match) but only process 0 writes into `workdir`; the others' files go to
+    a scratch directory removed at the end.
 
     Raises `validation.ConfigError` (every problem of the config, before anything is read or
     written) and `run_setup.WorkdirLocked` (another live run holds the workdir).
     """
     validation.validate(config)
+    if not (_scratch or distributed.is_writer()):
+        with tempfile.TemporaryDirectory(
+                prefix=f"mergejax-process{distributed.process_index()}-") as scratch:
+            return run(config, scratch, _scratch=True)
     workdir = check_workdir(workdir)
     with workdir_lock(workdir):
         _remove_temporaries(workdir)
         results.move_aside(workdir)
+        report.move_aside(workdir)  # a report never shows a previous run's pictures
         now = datetime.datetime.now(datetime.UTC).astimezone()
         stamp = {"run_id": f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
                  "started": now.isoformat(timespec="seconds"), "version": version()}
@@ -87,11 +98,14 @@ def run(config, workdir: str | os.PathLike) -> list[dict]:
             _write_run(workdir, {**info, "status": "failed", "rows": len(rows),
                                  "error": f"{type(e).__name__}: {e}", "finished": _now()})
             raise
+        if report.enabled(config):  # the kind wrote its sections; lay them out
+            report.write_report(workdir, rows, echo=not _scratch)
         bad = failed(rows)
         _write_run(workdir, {**info, "status": "failed" if bad else "finished",
                              "rows": len(rows), "finished": _now(),
                              **({"failed_methods": [r["method"] for r in bad]} if bad else {})})
-    print(results.table(rows), flush=True)
+    if not _scratch:
+        print(results.table(rows), flush=True)
     return rows
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from mergejax import data as data_lib
 from mergejax import evaluation, methods, repair, train
+from mergejax.diagnostics.weight_space import write_run_sections
 from mergejax.endpoints import endpoint_key, get_or_train
 from mergejax.entries import entry_hparams, parse_method
 from mergejax.kinds import KINDS
@@ -167,15 +168,20 @@ def run_finetune(config, workdir: Path, emit: Callable[[dict], None] | None = No
     log.add(result_row("finetuned", s.score(s.finetuned, "test"), 0.0))
     # ---------------------------------------------------------------- merges
     key = jax.random.key(config.seed)
+    sweeps: dict[str, list] = {}  # entry -> [(hparams, validation scores)] of its candidates
     for entry in config.merge.methods:
-        log.add_entry(entry, lambda start, entry=entry: merge_entry(config, entry, key, s, start))
+        log.add_entry(entry, lambda start, entry=entry: merge_entry(
+            config, entry, key, s, start, record=sweeps.setdefault(entry, [])))
+    # ---------------------------------------------------------------- diagnostics
+    write_run_sections(config, workdir, s.base_backbone, s.backbones, log.rows, sweeps)
     return log.rows
 
 
-def merge_entry(config, entry: str, key: jax.Array, setup: FinetuneSetup, start: float
-                ) -> dict:
+def merge_entry(config, entry: str, key: jax.Array, setup: FinetuneSetup, start: float,
+                record: list | None = None) -> dict:
     """The row of one weight-space method entry: its hyperparameters searched on validation
-    (`candidate_grid`), the best tested; `start` is when the row's clock started."""
+    (`candidate_grid`), the best tested; `start` is when the row's clock started. `record`
+    (a list) receives `(hparams, validation scores)` of every candidate."""
     base_backbone, backbones, mean_stats = setup.base_backbone, setup.backbones, setup.mean_stats
     tasks, score, with_heads = setup.tasks, setup.score, setup.with_heads
     parsed = parse_method(entry, "weight_space")
@@ -195,6 +201,8 @@ def merge_entry(config, entry: str, key: jax.Array, setup: FinetuneSetup, start:
         merged = fn(base_backbone, backbones, key=key, **hp)
         val = score(with_heads(merged, mean_stats, reset), "validation")
         candidates.append((hp, merged, val))
+        if record is not None:
+            record.append((hp, val))
     if method.per_task_search and isinstance(candidates[0][1], list):
         # choose per task: task t's model from the candidate best on task t's validation
         chosen_hp, merged = [], []

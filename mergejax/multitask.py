@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax
 
-from mergejax import evaluation, learned_merging, merging, model_io, repair, specs
+from mergejax import distributed, evaluation, learned_merging, merging, model_io, repair, specs
 from mergejax.entries import entry_hparams, parse_method
 from mergejax.kinds import KINDS
 from mergejax.results import RowLog, result_row
@@ -80,6 +80,7 @@ def run_multitask(config, workdir: Path, emit: Callable[[dict], None] | None = N
     # statistics are collected once, for the spaces of the first method needing them
     statistics = StatisticsCache(model, spec, endpoints, stat_batches)
     images = functools.cache(lambda: budget_images(config, dataset, tasks))
+    aligned: dict[str, dict] = {}  # method -> its first full matching, for the diagnostics
     for entry in config.merge.methods:
         if learned_merging.is_learned(entry):  # fitted on each task's images: no matching
             log.add_entry(entry, lambda start, entry=entry: learned_merging.learned_row(
@@ -88,12 +89,18 @@ def run_multitask(config, workdir: Path, emit: Callable[[dict], None] | None = N
             continue
         log.add_entry(entry, lambda start, entry=entry: _merge_one(
             config, workdir, entry, model, spec, endpoints, tasks, statistics, repair_batches,
-            estimator, shared_heads, example, score, start))
+            estimator, shared_heads, example, score, start, aligned))
+    # ---------------------------------------------------------------- diagnostics
+    from mergejax.diagnostics.matching import write_matching_diagnostics
+
+    write_matching_diagnostics(config, workdir, model, spec, endpoints, tasks, aligned,
+                               statistics, test_x, test_y, repair_batches, estimator)
     return log.rows
 
 
 def _merge_one(config, workdir, entry, model, spec, endpoints, tasks, statistics,
-               repair_batches, estimator, shared_heads, example, score, start) -> dict:
+               repair_batches, estimator, shared_heads, example, score, start,
+               aligned) -> dict:
     """The row of one method entry: match, merge, repair, export, evaluate."""
     parsed = parse_method(entry, "matching")
     name, variants, stop_after = parsed.name, parsed.variants, parsed.stop_after
@@ -101,6 +108,10 @@ def _merge_one(config, workdir, entry, model, spec, endpoints, tasks, statistics
     transforms = merging.match(name, spec, endpoints, statistics,
                                spaces=spec.prefix(stop_after),
                                key=jax.random.key(config.seed), hparams=hparams)
+    if stop_after is None:
+        aligned.setdefault(name, transforms)
+    # several processes: all merge with process 0's matching (no float tie can split them)
+    transforms = distributed.broadcast(transforms)
     fix = "repair" if "repair" in variants else "reset" if "reset" in variants else None
     merged = merging.merge_endpoints(
         model, spec, endpoints, transforms, tails="average" if shared_heads else "per_model",

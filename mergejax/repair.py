@@ -10,6 +10,11 @@ Without BatchNorm, REPAIR rescales each merged layer so that its pre-activations
 channel, the merge-weighted interpolation of the endpoints' mean and standard deviation
 (REPAIR's notebooks insert a BatchNorm with weight (1-a)sigma_0 + a sigma_1 and bias
 (1-a)mu_0 + a mu_1, reset it, and fold it into the conv; `repair` does the fold directly).
+
+Forward passes are data-parallel: each batch is sharded over the `data` axis of the run's mesh
+(`mergejax.distributed`), the variables replicated; the per-batch, per-channel moments are
+reduced on the devices (rows padded to fill the mesh masked out) and only those (C,) vectors
+reach the host, where batches are combined in float64.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mergejax import distributed
 from mergejax.models import Model, Variables
 from mergejax.specs import MergeSpec
 from mergejax.specs.spec import Space, flatten, unflatten
@@ -32,25 +38,27 @@ ESTIMATORS = ("population", "per_batch")
 
 
 @functools.lru_cache(maxsize=16)
-def _batch_stats_fn(model: Model):
-    """jit fn(variables, x) -> (batch_stats of x alone, {BatchNorm path: positions per channel}).
+def _batch_stats_fn(model: Model, mesh: jax.sharding.Mesh):
+    """jit fn(variables, x, mask) -> (batch_stats of x's unmasked rows alone, {BatchNorm path:
+    positions per channel and example}).
 
     Momentum 0 makes the "running" statistics after one train-mode call equal the batch's own
-    (mean and biased variance). The count per channel (B * H * W at that layer) comes from the
+    (mean and biased variance). The positions per example (H * W at that layer) come from the
     BatchNorm outputs captured in the same call.
     """
     exact = model.with_bn_momentum(0.0)
 
-    def stats(variables, x):
-        _, state = exact.module.apply(
-            variables, x, train=True, mutable=["batch_stats", "intermediates"],
-            capture_intermediates=lambda mdl, _: isinstance(mdl, nn.BatchNorm))
-        counts = {path[:-1]: np.prod(out[0].shape[:-1])
-                  for path, out in traverse_util.flatten_dict(state["intermediates"]).items()
-                  if path[-1] == "__call__"}
-        return state["batch_stats"], counts
+    def stats(variables, x, mask):
+        with distributed.masked_batch_norm(mask):
+            _, state = exact.module.apply(
+                variables, x, train=True, mutable=["batch_stats", "intermediates"],
+                capture_intermediates=lambda mdl, _: isinstance(mdl, nn.BatchNorm))
+        positions = {path[:-1]: np.prod(out[0].shape[1:-1], dtype=np.int64)
+                     for path, out in traverse_util.flatten_dict(state["intermediates"]).items()
+                     if path[-1] == "__call__"}
+        return state["batch_stats"], positions
 
-    return jax.jit(stats)
+    return jax.jit(stats, out_shardings=distributed.replicated_sharding(mesh))
 
 
 def reset_batch_stats(model: Model, variables: Variables, batches: Iterable[np.ndarray], *,
@@ -73,32 +81,53 @@ def reset_batch_stats(model: Model, variables: Variables, batches: Iterable[np.n
         raise ValueError(f"unknown BatchNorm estimator {estimator!r}; valid: {ESTIMATORS}")
     if "batch_stats" not in variables:
         return variables
-    fn = _batch_stats_fn(model)
+    mesh = distributed.mesh()
+    fn = _batch_stats_fn(model, mesh)
+    on_mesh = distributed.replicate(variables, mesh)
     acc: dict = {}  # layer path -> (total weight, weighted mean sum, weighted var sum)
     for x in batches:
-        stats, counts = fn(variables, x)
-        flat = traverse_util.flatten_dict(jax.device_get(stats))
+        xs, mask = distributed.put_batch(np.asarray(x), mesh)
+        stats, positions = distributed.to_host(fn(on_mesh, xs, mask))
+        flat = traverse_util.flatten_dict(stats)
         for path, value in flat.items():
             layer, leaf = path[:-1], path[-1]
             if leaf != "mean":
                 continue
-            n = int(counts[layer])
-            mu = np.asarray(value, np.float64)
-            var = np.asarray(flat[(*layer, "var")], np.float64)
-            if estimator == "per_batch":  # torch momentum=None: batches weigh the same
-                mu_w, var_w, w = mu, var * (n / max(n - 1, 1)), 1
-            else:  # every image weighs the same
-                w = len(x)
-                mu_w, var_w = mu * w, var * w
-            k, m, v = acc.get(layer, (0, 0.0, 0.0))
-            acc[layer] = (k + w, m + mu_w, v + var_w)
+            add_batch_moments(acc, layer, value, flat[(*layer, "var")],
+                              int(positions[layer]) * len(x), len(x), estimator)
+    return {**variables, "batch_stats": combined_batch_stats(acc)}
+
+
+def add_batch_moments(acc: dict, layer: tuple, mean, var, n: int, batch_size: int,
+                      estimator: str) -> None:
+    """Adds one batch's per-channel moments of BatchNorm `layer` to `acc` (float64, host).
+
+    `mean`/`var`: (..., C) the batch's mean and biased variance over its `n` values per channel
+    (batch x positions); leading axes (e.g. K stacked models) pass through. `estimator`:
+    "per_batch" (torch `momentum=None`: every batch weighs the same, unbiased variance) or
+    "population" (every image weighs the same).
+    """
+    mu = np.asarray(mean, np.float64)
+    var = np.asarray(var, np.float64)
+    if estimator == "per_batch":  # torch momentum=None: batches weigh the same
+        w, mu_w, var_w = 1, mu, var * (n / max(n - 1, 1))
+    else:  # every image weighs the same
+        w = batch_size
+        mu_w, var_w = mu * w, var * w
+    k, m, v = acc.get(layer, (0, 0.0, 0.0))
+    acc[layer] = (k + w, m + mu_w, v + var_w)
+
+
+def combined_batch_stats(acc: dict) -> dict:
+    """The `batch_stats` tree (float32 mean and var per layer) of what `add_batch_moments`
+    accumulated."""
     if not acc:
         raise ValueError("BatchNorm reset needs at least one batch of data")
     new = {}
     for layer, (k, m, v) in acc.items():
         new[(*layer, "mean")] = (m / k).astype(np.float32)
         new[(*layer, "var")] = (v / k).astype(np.float32)
-    return {**variables, "batch_stats": traverse_util.unflatten_dict(new)}
+    return traverse_util.unflatten_dict(new)
 
 
 def _shares_trunk(model: Model, trees: Sequence[Variables]) -> bool:
@@ -127,20 +156,27 @@ def reset_trees(model: Model, trees: Sequence[Variables], batches: Sequence[np.n
 
 # ------------------------------------------------------------------------------------ REPAIR
 @functools.lru_cache(maxsize=32)
-def _moments_fn(model: Model, taps: tuple[str, ...]):
-    """jit fn(variables, x) -> {tap: (count, mean (C,), centred sum of squares (C,))}."""
+def _moments_fn(model: Model, taps: tuple[str, ...], mesh: jax.sharding.Mesh):
+    """jit fn(variables, x, mask) -> {tap: (count, mean (C,), centred sum of squares (C,))}
+    over the positions of x's unmasked examples (mask None: all)."""
 
-    def moments(variables, x):
+    def moments(variables, x, mask):
         feats = model.features(variables, x)[1]
         out = {}
         for t in taps:
             f = feats[t].reshape(-1, feats[t].shape[-1]).astype(jnp.float32)
-            mu = f.mean(0)
-            # Centred within the batch, so large-mean channels do not cancel catastrophically.
-            out[t] = (f.shape[0], mu, jnp.sum(jnp.square(f - mu), axis=0))
+            if mask is None:
+                mu = f.mean(0)
+                # Centred within the batch, so large-mean channels do not cancel.
+                out[t] = (f.shape[0], mu, jnp.sum(jnp.square(f - mu), axis=0))
+                continue
+            valid = jnp.repeat(mask, f.shape[0] // mask.shape[0])[:, None]
+            n = jnp.sum(valid)
+            mu = jnp.sum(jnp.where(valid, f, 0.0), axis=0) / n
+            out[t] = (n, mu, jnp.sum(jnp.where(valid, jnp.square(f - mu), 0.0), axis=0))
         return out
 
-    return jax.jit(moments)
+    return jax.jit(moments, out_shardings=distributed.replicated_sharding(mesh))
 
 
 def channel_moments(model: Model, variables: Variables, taps: Sequence[str],
@@ -153,10 +189,14 @@ def channel_moments(model: Model, variables: Variables, taps: Sequence[str],
     Raises:
       ValueError naming the tap when an activation is NaN or infinite.
     """
-    fn = _moments_fn(model, tuple(taps))
+    mesh = distributed.mesh()
+    fn = _moments_fn(model, tuple(taps), mesh)
+    variables = distributed.replicate(variables, mesh)
     acc: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
     for x in batches:
-        for t, (n_b, mu_b, m2_b) in fn(variables, x).items():
+        xs, mask = distributed.put_batch(np.asarray(x), mesh)
+        for t, (n_b, mu_b, m2_b) in distributed.to_host(fn(variables, xs, mask)).items():
+            n_b = int(n_b)
             mu_b, m2_b = np.asarray(mu_b, np.float64), np.asarray(m2_b, np.float64)
             if t not in acc:
                 acc[t] = (n_b, mu_b, m2_b)

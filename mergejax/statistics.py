@@ -2,8 +2,12 @@
 
 For every space to merge, the activations of all N models at the space's tap are concatenated
 along the channel axis and streamed into `mergejax.kernels.statistics.FeatureStats`, so the
-result holds the within- and cross-model covariance/correlation of the N*n features. Batches are
-sharded over every local device's `data` axis when there are several.
+result holds the within- and cross-model covariance/correlation of the N*n features.
+
+Each batch's forward pass of every endpoint and the statistics update of every space run in one
+compiled program (the taps never leave it). With several devices the batch is sharded over the
+`data` axis of the run's mesh (`mergejax.distributed`: all devices of all processes, padded rows
+masked), the endpoints and states replicated, and the kernel `psum`s the per-device moments.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import numpy as np
 
-from mergejax.kernels.sharding import data_mesh
+from mergejax import distributed
+from mergejax.kernels.sharding import data_size
 from mergejax.kernels.statistics import FeatureStats, Moments
 from mergejax.models import Model, Variables
 from mergejax.specs import MergeSpec
@@ -32,14 +37,17 @@ def taps_fn(model: Model, taps: tuple[str, ...]):
 
 
 @functools.lru_cache(maxsize=16)
-def fused_step_fn(model: Model, space_taps: tuple[tuple[str, str], ...]):
-    """jit fn(states, endpoints, x) -> states: one batch's forward of every endpoint and the
-    statistics update of every space, in one compiled program (the taps never leave it; the
-    states are donated). For one device; `collect` uses it when there is no mesh."""
+def fused_step_fn(model: Model, space_taps: tuple[tuple[str, str], ...],
+                  mesh: jax.sharding.Mesh | None = None):
+    """jit fn(states, endpoints, x, mask) -> states: one batch's forward of every endpoint and
+    the statistics update of every space, in one compiled program (the taps never leave it;
+    the states are donated). `mesh` None: one device; else x (B, ...) and mask (B,) or None
+    come sharded over its `data` axis and the states stay replicated."""
 
-    def step(states, endpoints, x):
+    def step(states, endpoints, x, mask=None):
         outs = [model.features(v, x)[1] for v in endpoints]
-        return {s: states[s].update([o[t] for o in outs]) for s, t in space_taps}
+        return {s: states[s].update([o[t] for o in outs], mesh=mesh, mask=mask)
+                for s, t in space_taps}
 
     return jax.jit(step, donate_argnums=0)
 
@@ -54,32 +62,28 @@ def collect(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
       endpoints: N variable trees.
       batches: image batches (B, H, W, C); conv features count every spatial position.
       spaces: spaces to collect (default: all spaces with a tap).
-      mesh: a mesh with a `data` axis. Default: all devices when there are several (CPU
-        included: on a CPU mesh the kernel keeps one sharded update in flight, which avoids an
-        XLA:CPU thread-pool deadlock; see `mergejax.kernels.statistics`).
+      mesh: a mesh with a `data` axis. Default: the run's mesh (`mergejax.distributed.mesh()`);
+        a one-device mesh runs the unsharded program (CPU meshes keep one sharded step in
+        flight, which avoids an XLA:CPU thread-pool deadlock; see `distributed.wait`).
 
     Raises:
       ValueError naming the tap when an activation is NaN or infinite.
     """
     wanted = [spec.space(s) for s in (spaces if spaces is not None else spec.space_names)]
     wanted = [s for s in wanted if s.tap is not None]
-    if mesh is None and jax.device_count() > 1:
-        mesh = data_mesh()
+    mesh = distributed.mesh() if mesh is None else mesh
+    sharded = data_size(mesh) > 1 or jax.process_count() > 1
     n_models = len(endpoints)
-    states = {s.name: FeatureStats.init(n_models * s.width, mesh) for s in wanted}
+    states = {s.name: FeatureStats.init(n_models * s.width, mesh if sharded else None)
+              for s in wanted}
+    step = fused_step_fn(model, tuple((s.name, s.tap) for s in wanted),
+                         mesh if sharded else None)
+    endpoints = distributed.replicate(list(endpoints), mesh) if sharded else list(endpoints)
     seen = 0
-    if mesh is None:  # one device: forward and updates fused, the taps stay inside XLA
-        step = fused_step_fn(model, tuple((s.name, s.tap) for s in wanted))
-        for x in batches:
-            states = step(states, list(endpoints), x)
-            seen += 1
-    else:  # sharded updates: the taps are finished before the collectives start
-        fn = taps_fn(model, tuple(sorted({s.tap for s in wanted})))
-        for x in batches:
-            taps = jax.block_until_ready(fn(list(endpoints), x))
-            for s in wanted:
-                states[s.name] = states[s.name].update(taps[s.tap], mesh=mesh)
-            seen += 1
+    for x in batches:
+        x, mask = distributed.put_batch(np.asarray(x), mesh) if sharded else (x, None)
+        states = distributed.wait(step(states, endpoints, x, mask), mesh)
+        seen += 1
     if not seen:
         raise ValueError("statistics need at least one batch of images")
     return {s.name: states[s.name].finalize(name=s.tap, widths=[s.width] * n_models)

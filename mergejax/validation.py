@@ -357,8 +357,30 @@ def validate(config) -> None:
         if tasks and len(checkpoints) != len(tasks):
             p.add("endpoints.checkpoints", tuple(checkpoints), f"{len(checkpoints)} files for "
                   f"{len(tasks)} tasks; give one per task, in task order")
+    _diagnostics(config, p)
     if p.items:
         raise ConfigError(p.items)
+
+
+def _diagnostics(config, p: _Problems) -> None:
+    """`config.diagnostics`: known fields, booleans, K >= 2 points, curve methods by name."""
+    from mergejax.config_lib import DIAGNOSTICS
+
+    given = _as_dict(config.get("diagnostics"))
+    for k in given:
+        if k not in DIAGNOSTICS:
+            p.add(f"diagnostics.{k}", given[k], f"unknown diagnostics setting; valid: "
+                  f"{', '.join(DIAGNOSTICS)}")
+    d = {**DIAGNOSTICS, **given}
+    for k, default in DIAGNOSTICS.items():
+        if isinstance(default, bool) and not isinstance(d[k], bool):
+            p.add(f"diagnostics.{k}", d[k], "must be True or False")
+    p.number("diagnostics.points", d["points"], integer=True, lo=2)
+    valid = ("naive", *methods.names("matching"))
+    curves = d["curve_methods"]
+    if (isinstance(curves, str) or not isinstance(curves, list | tuple)
+            or any(c not in valid for c in curves)):
+        p.add("diagnostics.curve_methods", curves, f"must be a tuple from {', '.join(valid)}")
 
 
 def _search(config, p: _Problems) -> None:

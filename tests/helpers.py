@@ -103,3 +103,12 @@ def snapshot(path):
             st = p.lstat()
             out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
     return out
+
+
+def json_numbers(value):
+    """Every number in nested JSON data (dicts and lists), booleans left out."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in json_numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in json_numbers(v)]
+    return [value] if isinstance(value, int | float) and not isinstance(value, bool) else []

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mergejax import models, specs
+from mergejax.kernels.sharding import data_mesh
 from mergejax.kernels.statistics import FeatureStats
 from mergejax.statistics import collect, fused_step_fn
 
@@ -31,8 +32,8 @@ def test_fused_one_device_step_equals_the_sharded_path(name, kwargs, shape):
     endpoints = [model.init(jax.random.key(i), np.zeros((1, *shape), np.float32))
                  for i in range(2)]
     batches = [rng.normal(size=(n, *shape)).astype(np.float32) for n in (8, 8, 5)]
-    assert jax.device_count() > 1  # conftest's fake devices: collect shards over them
-    want = collect(model, spec, endpoints, batches)
+    assert jax.device_count() > 1  # conftest's fake devices: collect shards over all of them
+    want = collect(model, spec, endpoints, batches, mesh=data_mesh())
     got = _fused(model, spec, endpoints, batches)
     assert set(got) == set(want)
     for space in want:

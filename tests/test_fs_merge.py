@@ -121,29 +121,41 @@ def test_diagonal_parameterisation_is_the_init_plus_per_model_diagonals():
                                                   np.diag([5.0, 6, 7, 8])]))
 
 
-def test_fit_approaches_the_known_solution_for_a_permuted_copy(mlp):
-    """B is A with its hidden units permuted. With init "first" the trunk computes A and task
-    B's head reads A's unit order (loss > 0); U of B's head = the last permutation is an exact
-    solution (loss 0), and the fit gets close to it from the start."""
+def test_fit_reaches_the_known_solution_for_a_rescaled_copy(mlp):
+    """B is A with every hidden unit scaled by a positive factor (B computes A's function; its
+    head reads s * A's features). ReLU commutes with positive scales, so with init "first" and
+    the diagonal parameterisation every SuperNet keeps A's features up to per-channel scales:
+    the fit is a product of scalars per channel whose solutions all have U_B / U_A = s on the
+    head (loss 0). AdamW must reach that solution, not just descend towards it.
+
+    (A permuted copy needs full M and U; through the ReLUs that landscape has stationary points
+    where the fit stalls at ~2% of its starting loss whatever the schedule, so it cannot show
+    that the optimiser reaches a solution.)"""
     model, spec, ends, images = mlp
     a = ends[0]
     rng = np.random.default_rng(1)
-    perms = {s: rng.permutation(spec.space(s).width) for s in spec.space_names}
-    b = specs.apply_merge(spec, [a], specs.permutation_transforms(perms))[0]  # head too
+    scales = {s: rng.uniform(0.5, 2.0, spec.space(s).width).astype(np.float32)
+              for s in spec.space_names}
+    b = specs.apply_merge(spec, [a], {s: (np.diag(v), np.diag(1 / v))
+                                      for s, v in scales.items()})[0]
     np.testing.assert_allclose(_apply(model, b, images[0]), _apply(model, a, images[0]),
                                atol=1e-5)  # b computes a's function
     s = fsmerge.setup(model, spec, [a, b], images, key=jax.random.key(0), init="first",
-                      param="full", steps=600, batch_size=96, augment=1, lr=0.1,
+                      param="diagonal", steps=600, batch_size=96, augment=1, lr=0.05,
                       weight_decay=0.0)
-    solution = jax.tree.map(np.asarray, s.mu)
-    ut0 = np.asarray(s.consts["frozen"]["UT0"]["hidden1"])  # (d', N*d)
-    want = ut0.copy()
-    want[:, 12:] = np.eye(12, dtype=np.float32)[perms["hidden1"]].T  # U_B = P
-    solution["U"]["params/linear"]["full"] = want - ut0
-    assert fsmerge.mean_loss(s.problem, solution, s.consts, s.data) < 1e-10
-    _, history = fsmerge.fit_setup(s)  # full batches: the loss of the whole set each step
+    mu, history = fsmerge.fit_setup(s)  # full batches: the loss of the whole set each step
     before, after = history["loss"][0], history["loss"][-1]
-    assert before > 1e-2 and after < 0.02 * before, (before, after)
+    assert before > 1e-2 and after < 1e-6 * before, (before, after)
+    u = 1 + np.asarray(mu["U"]["params/linear"]["diag"])  # (N, d): U_i = diag(u_i)
+    # only channels some fitting image of task B activates are determined by the data
+    live = (np.asarray(model.features(a, s.data["x"][s.data["ids"] == 1])[1]["hidden1"]) > 0
+            ).any(0)
+    assert live.sum() >= 10, live
+    np.testing.assert_allclose((u[1] / u[0])[live], scales["hidden1"][live], rtol=1e-3)
+    trees = fsmerge.fold_setup(s, mu)
+    for tree, end in zip(trees, (a, b)):
+        np.testing.assert_allclose(_apply(model, tree, images[1]), _apply(model, end, images[1]),
+                                   atol=1e-3)
 
 
 def test_zipit_init_folds_to_zipits_merge(mlp):

@@ -5,8 +5,8 @@ its output channels and an unmerge matrix U on its input channels; it folds in c
 a plain model of the merged width (`fold`), which is how it is run during the fit too. Modules:
 `plan` (each leaf's role), `params` (initialisations and parameterisations of M and U), `fold`,
 `objective` (global / local feature reconstruction), `fit` (the optax loop, shared with
-`distill`), `features`, `data`, `widths` (the merged model at another width), `merge` (setup,
-fit, fold end to end).
+`distill`, data-parallel over the `data` mesh axis), `features`, `data`, `widths` (the merged
+model at another width), `merge` (setup, fit, fold end to end).
 
 Layer: below `mergejax.methods` (which registers `fs_merge` and `distill`), above specs.
 """

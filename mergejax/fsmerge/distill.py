@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from mergejax.fsmerge.data import fitting_data
 from mergejax.fsmerge.features import head_width
@@ -30,7 +31,8 @@ from mergejax.specs import flatten, unflatten
 @dataclasses.dataclass(frozen=True)
 class DistillProblem:
     """`loss(mu, consts, batch)`: mu = `{"params": student params without the head (flat),
-    "proj": (d', N*d)}`, consts = `{"state": other collections (BatchNorm statistics)}`."""
+    "proj": (d', N*d)}`, consts = `{"state": other collections (BatchNorm statistics)}`, batch
+    as `FSProblem`'s (rows weighted by `batch["weight"]` when given)."""
 
     model: Model
     num_models: int
@@ -39,20 +41,22 @@ class DistillProblem:
     def loss(self, mu, consts, batch):
         out, _ = forward(self.model, {**mu["params"], **consts["state"]}, mu["proj"],
                          batch["x"], train=self.train)
-        return mse(select(out, batch["ids"], self.num_models), batch["target"])
+        return mse(select(out, batch["ids"], self.num_models), batch["target"],
+                   batch.get("weight"))
 
 
 def distill(model: Model, endpoints: Sequence[Variables], task_images: Sequence[np.ndarray],
             *, key: jax.Array, width: float = 1.0, steps: int = 1000, batch_size: int = 128,
             lr: float = 1e-3, weight_decay: float = 1e-3, schedule: str = "onecycle",
-            augment: int = 8
+            augment: int = 8, mesh: Mesh | None = None
             ) -> tuple[Model, list[Variables], dict[str, list[float]], np.ndarray]:
     """Trains a student of `width` x the endpoints' width on the endpoints' head inputs.
 
     Returns (student model, one variable tree per endpoint: the student trunk with endpoint t's
     head after P_t, `{"loss": [...]}`, the maps P (d', N*d): P_t = P[:, t*d:(t+1)*d]).
     For BatchNorm students the running statistics are the initial ones: recompute them (the
-    fit normalises with batch statistics).
+    fit normalises with batch statistics). `mesh`: the `data` mesh the batches are sharded over
+    (default every device; `fit_loop`).
     """
     seed = seed_from_key(key)
     n = len(endpoints)
@@ -72,7 +76,7 @@ def distill(model: Model, endpoints: Sequence[Variables], task_images: Sequence[
     problem = DistillProblem(student, n, train=bool(state))
     settings = FitSettings(steps, batch_size, lr, weight_decay, schedule)
     mu, history = fit_loop(problem, {"params": params, "proj": proj}, {"state": state}, data,
-                              settings, seed=seed, desc="distill")
+                           settings, seed=seed, desc="distill", mesh=mesh)
     trees = []
     for t, end in enumerate(endpoints):
         flat_end = flatten(end)

@@ -2,9 +2,16 @@
 
 A *problem* is a hashable object with `loss(mu, consts, batch) -> scalar`: `mu` is the learned
 pytree, `consts` the frozen arrays (endpoint weights, initial matrices), `batch` a dict of
-arrays with a leading batch axis. One jitted step (cached on the problem and the settings, `mu`
-and the optimiser state donated) runs per batch; with several devices the batch is sharded over
-the `data` axis of a mesh and everything else replicated, so XLA runs it data-parallel.
+arrays with a leading batch axis. One jitted step (cached on the problem, `mu` and the
+optimiser state donated) runs per batch.
+
+Data-parallel: every batch is zero-padded to a multiple of the `data` mesh size and sharded over
+that axis, with `batch["weight"]` (B,) = 1 for real rows and 0 for padding (a problem's loss is
+the weight-averaged row loss); `mu`, the optimiser state and `consts` are replicated, so XLA
+runs the step data-parallel and the gradient is the all-reduced one. The batch drawn does not
+depend on the device count, so a fit on 8 devices equals the fit on one up to float rounding.
+A problem with `train=True` (BatchNorm on batch statistics) is never padded, as padded rows
+would enter the statistics: a batch not divisible by the mesh size runs replicated instead.
 Deterministic for a seed: batches are drawn from numpy permutations of that seed.
 """
 
@@ -19,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from mergejax.io.atomic import atomic_file
-from mergejax.kernels.sharding import data_mesh, shard_batch
+from mergejax.kernels.sharding import data_mesh, data_size, pad_batch, shard_batch
 from mergejax.registry import Registry
 
 SCHEDULES: Registry[Callable[[float, int], optax.Schedule]] = Registry("FS-Merge lr schedule")
@@ -80,52 +87,60 @@ def _loss_fn(problem):
     return jax.jit(problem.loss)
 
 
-def batch_plan(n: int, batch_size: int) -> tuple[int, Any]:
-    """(batch size used, mesh or None): the batch is a multiple of the device count when there
-    are several devices and at least that many images, else unsharded."""
-    b = min(batch_size, n)
-    devices = jax.device_count()
-    if devices > 1 and b >= devices:
-        return b - b % devices, data_mesh()
-    return b, None
+def device_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, *, pad: bool = True) -> dict:
+    """The host `batch` (`{name: (B, ...)}`) on `mesh` with `"weight"` (B',) float32 added.
+
+    B is zero-padded to B' (a multiple of the `data` size, weight 0 on the padding) and sharded
+    over `data`. With `pad=False` (BatchNorm in train mode) a B not divisible by the `data` size
+    is replicated unpadded instead (B' = B)."""
+    weight = np.ones(len(next(iter(batch.values()))), np.float32)
+    batch = {**batch, "weight": weight}
+    k = data_size(mesh)
+    if len(weight) % k and not pad:
+        return jax.device_put(batch, NamedSharding(mesh, P()))
+    padded, _ = pad_batch(batch, k)  # zero rows: the weight pads with 0 too
+    return shard_batch(padded, mesh)
 
 
 def fit_loop(problem, mu: Any, consts: Any, data: Mapping[str, np.ndarray], settings: FitSettings,
-        *, seed: int, desc: str = "fit") -> tuple[Any, dict[str, list[float]]]:
+        *, seed: int, desc: str = "fit", mesh: Mesh | None = None
+        ) -> tuple[Any, dict[str, list[float]]]:
     """Runs `settings.steps` AdamW steps of `problem.loss` on random batches of `data`.
 
     Args:
-      problem: hashable, with `loss(mu, consts, batch) -> scalar`.
+      problem: hashable, with `loss(mu, consts, batch) -> scalar` averaging its row losses
+        with `batch["weight"]`, and `train` (True when padded rows would change the forward).
       mu, consts: the learned and the frozen pytrees.
       data: `{name: (n, ...)}` host arrays; each batch holds the same rows of every array.
-      settings: steps, batch size, learning rate, weight decay, schedule.
+      settings: steps, batch size (`min(batch_size, n)` rows a step), learning rate, weight
+        decay, schedule.
       seed: the batch order.
       desc: progress-bar label.
+      mesh: a mesh with a `data` axis to shard the batches over (default: every device).
 
     Returns:
       (fitted mu as numpy arrays, `{"loss": [loss of every step]}`).
     """
     n = len(next(iter(data.values())))
-    b, mesh = batch_plan(n, settings.batch_size)
+    b = min(settings.batch_size, n)
+    mesh = data_mesh() if mesh is None else mesh
+    pad = not getattr(problem, "train", False)
     step = _compiled(problem)
     mu = jax.tree.map(jnp.array, mu)  # a copy: the step donates it
     opt_state = _ADAMW(learning_rate=settings.lr, weight_decay=settings.weight_decay).init(mu)
-    if mesh is not None:  # replicated everywhere, so every step sees the same shardings
-        mu, opt_state, consts = jax.device_put((mu, opt_state, consts),
-                                               NamedSharding(mesh, P()))
+    # replicated everywhere, so every step sees the same shardings
+    mu, opt_state, consts = jax.device_put((mu, opt_state, consts), NamedSharding(mesh, P()))
     lrs = settings.learning_rates()
     rng = np.random.default_rng(seed)
     order = np.zeros(0, np.int64)
     losses = []
-    sync = mesh is not None and jax.devices()[0].platform == "cpu"
+    sync = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
     bar = tqdm(range(settings.steps), desc=desc, leave=False, mininterval=2.0)
     for s in bar:
         if len(order) < b:
             order = np.concatenate([order, rng.permutation(n)])
         idx, order = order[:b], order[b:]
-        batch = {k: np.asarray(v)[idx] for k, v in data.items()}
-        if mesh is not None:
-            batch = shard_batch(batch, mesh)
+        batch = device_batch({k: np.asarray(v)[idx] for k, v in data.items()}, mesh, pad=pad)
         mu, opt_state, loss = step(mu, opt_state, consts, batch, lrs[s])
         if sync:  # XLA:CPU collectives: one sharded step in flight (see kernels.statistics)
             loss = jax.block_until_ready(loss)
@@ -138,13 +153,14 @@ def fit_loop(problem, mu: Any, consts: Any, data: Mapping[str, np.ndarray], sett
 
 def mean_loss(problem, mu: Any, consts: Any, data: Mapping[str, np.ndarray],
               batch_size: int = 256) -> float:
-    """`problem.loss` averaged over `data` in batches (weighted by batch size)."""
+    """`problem.loss` averaged over `data` in batches (weighted by batch size), one device."""
     n = len(next(iter(data.values())))
     fn = _loss_fn(problem)
     total = 0.0
     for start in range(0, n, batch_size):
         batch = {k: np.asarray(v)[start:start + batch_size] for k, v in data.items()}
-        total += float(fn(mu, consts, batch)) * len(next(iter(batch.values())))
+        rows = len(next(iter(batch.values())))
+        total += float(fn(mu, consts, {**batch, "weight": np.ones(rows, np.float32)})) * rows
     return total / n
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from mergejax.fsmerge.fold import fold_trunk, matrices
+from mergejax.fsmerge.fold import fold_tails, fold_trunk, matrices
 from mergejax.fsmerge.params import parameterisation
 from mergejax.fsmerge.plan import Plan
 from mergejax.models import Model
@@ -74,15 +74,27 @@ def select(out: jax.Array, ids: jax.Array, num_models: int) -> jax.Array:
     return jnp.take_along_axis(blocks, idx, axis=blocks.ndim - 2)[..., 0, :]
 
 
-def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
-    """Mean squared error over every element."""
-    return jnp.mean(jnp.square(pred - target))
+def weighted_mean(x: jax.Array, weight: jax.Array | None) -> jax.Array:
+    """Mean of `x` (B, ...) over every element, rows weighted by `weight` (B,) (None: all 1).
+
+    Padded rows of a sharded batch have weight 0 and so no effect; with every weight 1 this is
+    `jnp.mean(x)`."""
+    rows = jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+    if weight is None:
+        return jnp.mean(rows)
+    return jnp.sum(rows * weight) / jnp.maximum(jnp.sum(weight), 1e-12)
 
 
-def normalised(pred: jax.Array, target: jax.Array) -> jax.Array:
-    """MSE divided by the target's mean square (a constant of the batch)."""
-    scale = jax.lax.stop_gradient(jnp.mean(jnp.square(target)))
-    return mse(pred, target) / jnp.maximum(scale, 1e-12)
+def mse(pred: jax.Array, target: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    """Mean squared error over every element of (B, ...) rows weighted by `weight` (B,)."""
+    return weighted_mean(jnp.square(pred - target), weight)
+
+
+def normalised(pred: jax.Array, target: jax.Array, weight: jax.Array | None = None
+               ) -> jax.Array:
+    """MSE divided by the target's mean square (a constant of the batch), rows weighted."""
+    scale = jax.lax.stop_gradient(weighted_mean(jnp.square(target), weight))
+    return mse(pred, target, weight) / jnp.maximum(scale, 1e-12)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +103,8 @@ class FSProblem:
     the local taps `((space, tap, reading layer), ...)`. Hashable: compiled steps cache on it.
 
     `loss(mu, consts, batch)`: consts = `{"frozen", "stacked"}` (see `fold`), batch =
-    `{"x": (B,H,W,C), "ids": (B,) task ids, "target": (B, d) head-input features}`.
+    `{"x": (B,H,W,C), "ids": (B,) task ids, "target": (B, d) head-input features}` and
+    optionally `"weight"` (B,) per-row weights (0 on a sharded batch's padding).
     """
 
     plan: Plan
@@ -110,17 +123,41 @@ class FSProblem:
         trunk = fold_trunk(self.plan, merges, unmerges, consts["frozen"], mu, consts["stacked"])
         return trunk, unmerges
 
+    def head_features(self, trunk, unmerges, consts, x, *, taps: bool
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """((B, N*d) every endpoint's head-input features mapped from the merged model, taps).
+
+        With the head the only tail, one forward whose head is U^T (d', N*d) gives them all.
+        Other tails (a CCT's `attention_pool`, kept per endpoint) shape the head input
+        differently per endpoint: one forward per endpoint with its folded tails, its head
+        block U_i^T (d', d) (N times the compute; the taps are the first forward's, as every
+        tapped space lies before the tails)."""
+        head = f"params/{self.model.head}"
+        head_u = unmerges[head]  # (N*d, d')
+        if len(self.plan.tails) == 1:
+            return forward(self.model, trunk, head_u.T, x, train=self.train, taps=taps)
+        d = head_u.shape[0] // self.num_models
+        outs, first_taps = [], {}
+        for i in range(self.num_models):
+            tails = {k: v for k, v in fold_tails(self.plan, unmerges, consts["stacked"],
+                                                 i).items()
+                     if not k.startswith(f"{head}/")}
+            out, t = forward(self.model, {**trunk, **tails}, head_u[i * d:(i + 1) * d].T, x,
+                             train=self.train, taps=taps and i == 0)
+            outs.append(out)
+            first_taps = first_taps or t
+        return jnp.concatenate(outs, axis=-1), first_taps
+
     def loss(self, mu, consts, batch):
         """The objective's scalar loss on `batch` (see the class docstring)."""
         trunk, unmerges = self.variables_trunk(mu, consts)
-        head_u = unmerges[f"params/{self.model.head}"]  # (N*d, d')
         local = self.objective == "local"
-        out, taps = forward(self.model, trunk, head_u.T, batch["x"], train=self.train,
-                            taps=local)
+        out, taps = self.head_features(trunk, unmerges, consts, batch["x"], taps=local)
         pred = select(out, batch["ids"], self.num_models)
+        weight = batch.get("weight")
         if not local:
-            return mse(pred, batch["target"])
-        total = normalised(pred, batch["target"])
+            return mse(pred, batch["target"], weight)
+        total = normalised(pred, batch["target"], weight)
         stacked = consts["stacked"]
         ends = [unflatten({k: v[i] for k, v in stacked.items()})
                 for i in range(self.num_models)]
@@ -131,5 +168,5 @@ class FSProblem:
             target = jnp.take_along_axis(
                 target, batch["ids"].reshape((1, -1) + (1,) * (target.ndim - 2)), axis=0)[0]
             total = total + normalised(select(mapped, batch["ids"], self.num_models),
-                                       jax.lax.stop_gradient(target))
+                                       jax.lax.stop_gradient(target), weight)
         return total / (1 + len(self.taps))

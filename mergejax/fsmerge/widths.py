@@ -5,13 +5,15 @@ Registered per model name (`resize(model, factor)`). Equal width returns the mod
 - ViT: the embedding width times the factor, rounded to a multiple of the head count (heads are
   kept, the head dimension changes), MLP ratio kept (so the MLP width scales too).
 - ResNet-20: the integer width multiplier times the factor (must stay an integer).
+- CCT: as the ViT for the embedding width (the stream, attention and MLP spaces), and the
+  tokenizer's intermediate convolutions' `conv_width` times the factor (rounded, at least 1).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from mergejax.models import Model, create
+from mergejax.models import Model, create, names
 from mergejax.registry import Registry
 
 _RESIZERS: Registry[Callable[[Model, float], dict]] = Registry("FS-Merge width change")
@@ -40,6 +42,10 @@ def _vit(model: Model, factor: float) -> dict:
     return {"width": heads * max(1, round(model.module.width * factor / heads))}
 
 
+def _cct(model: Model, factor: float) -> dict:
+    return {**_vit(model, factor), "conv_width": max(1, round(model.module.conv_width * factor))}
+
+
 def _resnet(model: Model, factor: float) -> dict:
     width = model.module.width * factor
     if abs(width - round(width)) > 1e-9 or round(width) < 1:
@@ -53,3 +59,6 @@ for _name in ("vit", "vit_tiny"):
     _RESIZERS.register(_name, _vit)
 for _name in ("resnet20", "resnet"):
     _RESIZERS.register(_name, _resnet)
+for _name in names():  # "cct" and the repository's named sizes "cct_{depth}_{k}x{convs}"
+    if _name == "cct" or _name.startswith("cct_"):
+        _RESIZERS.register(_name, _cct)

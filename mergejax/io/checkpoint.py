@@ -26,7 +26,13 @@ STATE = "state"
 def _checkpointer():
     import orbax.checkpoint as ocp  # imported lazily: it is slow to import
 
-    return ocp.StandardCheckpointer()
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    # Multi-process runs: the one process that reads or writes a file does it alone (orbax
+    # would otherwise wait at a barrier for every process).
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
 
 
 def exists(path: str | os.PathLike) -> bool:

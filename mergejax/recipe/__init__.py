@@ -19,6 +19,12 @@ layer position, filters, precedence) and groups the tensors sharing resolved val
 (`merge`) calls the mergejax method once per group; `output` (`run`) writes
 `DIR/model.safetensors`, `DIR/orbax/` and `DIR/recipe.yml` atomically; `cli` is the command line.
 Paths are relative to the working directory, as in mergekit.
+
+PyTorch / Hugging Face inputs (a .safetensors file, a sharded directory with
+`model.safetensors.index.json`, .bin/.pt state dicts; `hf_io`) are merged out of core instead,
+one tensor at a time (`stream`): sharded safetensors + index in the inputs' own names and
+dtypes (`shards`), whole-model TIES thresholds from streamed histograms (`thresholds`).
+Console script: `mergejax-recipe RECIPE.yml OUT_DIR`.
 """
 
 from mergejax.recipe.checkpoint_io import (

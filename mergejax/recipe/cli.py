@@ -7,6 +7,7 @@ a non-finite result); `--debug` or MERGEJAX_DEBUG=1 adds the traceback."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from mergejax.io.atomic import remove_stale_temporaries
@@ -14,9 +15,12 @@ from mergejax.io.cli_errors import ArgumentParser, UsageError, run_cli
 from mergejax.recipe import checkpoint_io
 from mergejax.recipe.checkpoint_io import ORBAX_NAME, RECIPE_NAME, SAFETENSORS_NAME
 from mergejax.recipe.execute import assign_tensors
+from mergejax.recipe.hf_io import Source, input_kind
 from mergejax.recipe.output import run
 from mergejax.recipe.resolve import plan
 from mergejax.recipe.schema import DTYPES, METHODS, PARAMETERS, TOP_LEVEL, RecipeError
+from mergejax.recipe.shards import parse_size
+from mergejax.recipe.stream import DEFAULT_SHARD
 from mergejax.recipe.validate import load_recipes
 
 PROG = "python -m mergejax.recipe"
@@ -36,6 +40,11 @@ def _epilog() -> str:
               f"top-level keys: {', '.join(TOP_LEVEL)}; dtype/out_dtype: {', '.join(DTYPES)}",
               "inputs: orbax checkpoint directories or .safetensors files of flat Flax variables "
               "('params/dense_0/kernel'); floating point and finite (see --allow-nonfinite)",
+              "  or PyTorch/Hugging Face checkpoints in their own naming, merged out of core "
+              "one tensor at a time: a .safetensors file, a directory with "
+              "model.safetensors.index.json (sharded) or model.safetensors, a .bin/.pt state "
+              "dict; output: sharded .safetensors + index in the same names and dtypes, the "
+              "base's config/tokenizer files (transformers from_pretrained loads it)",
               "exit status: 0 done, 1 failure (unreadable or broken input, non-finite result), "
               "2 usage error (bad arguments or recipe, refused --out-dir)"]
     return "\n".join(lines)
@@ -46,10 +55,21 @@ def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog=PROG, epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Merge Flax checkpoints with a mergekit-style YAML recipe. Writes "
-                    f"DIR/{SAFETENSORS_NAME}, DIR/{ORBAX_NAME}/ and DIR/{RECIPE_NAME}.")
+        description="Merge checkpoints with a mergekit-style YAML recipe "
+                    "(also installed as `mergejax-recipe RECIPE.yml OUT_DIR`). mergejax "
+                    f"inputs: writes DIR/{SAFETENSORS_NAME}, DIR/{ORBAX_NAME}/ and "
+                    f"DIR/{RECIPE_NAME}; PyTorch/Hugging Face inputs: sharded safetensors, out "
+                    "of core.")
     p.add_argument("recipe", help="YAML recipe file")
-    p.add_argument("--out-dir", help="output directory (required unless --dry-run)")
+    p.add_argument("out", nargs="?", metavar="OUT_DIR",
+                   help="output directory (or --out-dir; required unless --dry-run)")
+    p.add_argument("--out-dir", help="output directory (same as OUT_DIR)")
+    p.add_argument("--max-shard-size", type=_size, default=DEFAULT_SHARD,
+                   help="PyTorch/HF inputs: largest output shard, e.g. 5GB, 500MB, 2GiB "
+                        f"(default {DEFAULT_SHARD})")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr, tensors and bytes (default: when stderr is "
+                        "a terminal)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of DARE's drops (default 0)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out-dir (never one holding an input)")
@@ -62,16 +82,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _tensor_names(path: Path, allow_nonfinite: bool) -> list[str]:
+    if input_kind(path) == "hf":  # headers only, nothing loaded
+        return sorted(n for n, i in Source(path).infos.items() if i.dtype.kind in "fV")
+    return sorted(checkpoint_io.read_model(path, allow_nonfinite=allow_nonfinite)[0])
+
+
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if args.out and args.out_dir and Path(args.out) != Path(args.out_dir):
+        raise UsageError(f"two output directories given: {args.out} and --out-dir "
+                         f"{args.out_dir}")
+    args.out_dir = args.out_dir or args.out
     if not args.dry_run and not args.out_dir:
         raise UsageError("--out-dir is required (or pass --dry-run)")
     if args.out_dir:
         remove_stale_temporaries(Path(args.out_dir).absolute().parent)
     recipes = load_recipes(args.recipe)
     if args.dry_run:
-        names = sorted(checkpoint_io.read_model(recipes[0].members[0].path,
-                                                allow_nonfinite=args.allow_nonfinite)[0])
+        names = _tensor_names(recipes[0].members[0].path, args.allow_nonfinite)
         for j, (recipe, block) in enumerate(zip(recipes, assign_tensors(recipes, names))):
             if len(recipes) > 1:
                 print(f"document {j}: {recipe.method.name} on {len(block)} tensor(s)")
@@ -81,7 +117,9 @@ def _main(argv: list[str]) -> int:
                 print(f"group {i}: {g.params} {models}\n  " + "\n  ".join(g.names))
         return 0
     print(run(recipes, args.out_dir, seed=args.random_seed, overwrite=args.overwrite,
-              source=Path(args.recipe).read_text(), allow_nonfinite=args.allow_nonfinite))
+              source=Path(args.recipe).read_text(), allow_nonfinite=args.allow_nonfinite,
+              max_shard_size=args.max_shard_size,
+              progress=sys.stderr.isatty() if args.progress is None else args.progress))
     return 0
 
 

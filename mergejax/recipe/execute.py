@@ -10,6 +10,9 @@ each task vector is sparsified alone by mergejax's sparsifier (`trim_topk`, `dar
 mergekit: magnitude trims use mergejax's threshold (every |x| >= the (n - int(n density))-th
 smallest is kept: int(n density) + 1 entries, ties included, not exactly int(n density)); DARE
 draws from JAX keys (`--random-seed`); BatchNorm statistics are merged like any tensor.
+`scope: global` (ties, mergejax's extension) trims each model over all its tensors (TIES
+paper): exact thresholds first (`thresholds.global_thresholds`), then every fine-tuned tensor
+is replaced by base where its task-vector entry is trimmed and the groups merge with density 1.
 """
 
 from __future__ import annotations
@@ -38,8 +41,12 @@ def _divisor(weights: Sequence[float]) -> float:
     return 1.0 if abs(s) < DIV_EPS else s
 
 
-def _merge_group(method: Method, base, members: list, g: Group, key):
-    """One mergejax method call on the group's sub-trees (nested dicts); returns a tree."""
+def merge_group(method: Method, base, members: list, g: Group, key):
+    """One mergejax method call on the group's sub-trees (nested dicts); returns a tree.
+
+    `base` (GTA methods; else None) and `members` are trees of one structure holding the
+    group's tensors (the out-of-core path calls it on one tensor at a time); `key` seeds DARE.
+    """
     p = g.params
     if method.kind == "slerp":
         return _fn("slerp")(None, members, t=p["t"])
@@ -134,6 +141,48 @@ def _dtype(name: str | None):
     return None if name is None else np.dtype(jnp.dtype(name))
 
 
+def stored(value, recipe: Recipe, in_dtype) -> np.ndarray:
+    """A merged tensor as stored: in the compute dtype (`dtype`, as mergekit), then cast to
+    `out_dtype` (default: the input's dtype `in_dtype`)."""
+    value = np.asarray(value)
+    if recipe.dtype:
+        value = value.astype(_dtype(recipe.dtype))
+    with np.errstate(over="ignore"):  # an overflow is refused before writing
+        return value.astype(in_dtype if recipe.out_dtype is None else _dtype(recipe.out_dtype))
+
+
+def compute_cast(recipe: Recipe, array):
+    """`array` in the recipe's compute dtype (`dtype`), unchanged without one."""
+    dt = _dtype(recipe.dtype)
+    return array if dt is None else array.astype(dt)
+
+
+def global_densities(recipe: Recipe, groups: Sequence[Group]) -> list[float] | None:
+    """Per-member density of a `scope: global` trim (TIES paper), None for per-tensor trims.
+
+    A whole-model top-k needs one density per model: RecipeError naming the model whose
+    density varies over the tensors (gradient or filters)."""
+    if not groups or groups[0].params.get("scope", "tensor") != "global":
+        return None
+    if len({g.params["scope"] for g in groups}) != 1:
+        raise RecipeError("scope must be one value for the whole model (no filters)")
+    out = []
+    for i, m in enumerate(recipe.members):
+        dens = sorted({g.model_params[i]["density"] for g in groups})
+        if len(dens) != 1:
+            raise RecipeError(f"scope: global trims each model over all its tensors, so it "
+                              f"needs one density per model; {m.ref} has {len(dens)} "
+                              f"({dens[0]} .. {dens[-1]}): drop the gradient/filters or use "
+                              "scope: tensor")
+        out.append(float(dens[0]))
+    return out
+
+
+def untrimmed(g: Group) -> Group:
+    """`g` with density 1 for every member: the trim was already applied (`trim_to_base`)."""
+    return Group(g.params, tuple({**mp, "density": 1.0} for mp in g.model_params), g.names)
+
+
 def assign_tensors(recipes: Sequence[Recipe], names: Sequence[str]) -> list[list[str]]:
     """The tensor names each document merges: a tensor goes to the first document whose
     `tensors` substrings match it (no `tensors`: every tensor). RecipeError naming the tensors
@@ -186,19 +235,24 @@ def merge_flats(recipes: Recipe | Sequence[Recipe], inputs: Mapping[Path, Flat],
         members = [cast(inputs[m.path]) for m in recipe.members]
         groups = plan(recipe, names)
         all_groups += groups
+        dens = global_densities(recipe, groups)
+        if dens is not None:  # whole-model trim: thresholds first, then merge untrimmed
+            from mergejax.recipe.thresholds import global_thresholds, trim_to_base
+
+            thr = global_thresholds(lambda b=base, ms=members, ns=names: (
+                (b[n], [m[n] for m in ms]) for n in ns), dens,
+                sum(int(np.size(base[n])) for n in names))
+            members = [{n: np.asarray(trim_to_base(base[n], m[n], thr[t])) for n in names}
+                       for t, m in enumerate(members)]
+            groups = [untrimmed(g) for g in groups]
         for i, g in enumerate(groups):
             def sub(flat, names=g.names):
                 return unflatten({n: flat[n] for n in names})
 
-            merged = _merge_group(recipe.method, None if base is None else sub(base),
-                                  [sub(m) for m in members], g, jax.random.fold_in(key, i))
+            merged = merge_group(recipe.method, None if base is None else sub(base),
+                                 [sub(m) for m in members], g, jax.random.fold_in(key, i))
             for name, value in flatten(merged).items():
-                value = np.asarray(value)
-                if recipe.dtype:  # results are in the compute dtype (as mergekit), then stored
-                    value = value.astype(_dtype(recipe.dtype))
-                with np.errstate(over="ignore"):  # an overflow is refused before writing
-                    out[name] = value.astype(in_dtypes[name] if recipe.out_dtype is None
-                                             else _dtype(recipe.out_dtype))
+                out[name] = stored(value, recipe, in_dtypes[name])
     return out, all_groups
 
 

@@ -25,7 +25,10 @@ from mergejax.recipe.checkpoint_io import (
     save_flat_safetensors,
 )
 from mergejax.recipe.execute import merge
+from mergejax.recipe.hf_io import input_kind
 from mergejax.recipe.schema import RecipeError
+from mergejax.recipe.shards import parse_size
+from mergejax.recipe.stream import DEFAULT_SHARD, merge_hf
 from mergejax.recipe.validate import Recipe
 from mergejax.specs import unflatten
 
@@ -54,9 +57,29 @@ def check_output_finite(flat) -> None:
                              "that overflows)") from None
 
 
+def input_kinds(recipes: Sequence[Recipe]) -> str:
+    """"hf" if every input is a PyTorch / Hugging Face checkpoint, "mergejax" if every one is
+    mergejax's own; RecipeError naming the inputs if they mix the two."""
+    paths = sorted({e.path for r in recipes for e in (r.base, *r.models) if e is not None})
+    kinds = {p: input_kind(p) or "mergejax" for p in paths}
+    if len(set(kinds.values())) > 1:
+        hf = [str(p) for p, k in kinds.items() if k == "hf"]
+        mj = [str(p) for p, k in kinds.items() if k == "mergejax"]
+        raise RecipeError(f"the inputs mix PyTorch/Hugging Face checkpoints ({', '.join(hf)}) "
+                          f"with mergejax checkpoints ({', '.join(mj)}): convert one side "
+                          "(python -m mergejax.converters)")
+    return next(iter(kinds.values()))
+
+
 def run(recipe: Recipe | Sequence[Recipe], out_dir: str | os.PathLike, *, seed: int = 0,
-        overwrite: bool = False, source: str | None = None, allow_nonfinite: bool = False) -> str:
+        overwrite: bool = False, source: str | None = None, allow_nonfinite: bool = False,
+        max_shard_size: str | int = DEFAULT_SHARD, progress: bool = False) -> str:
     """Merges and writes `out_dir/{model.safetensors, orbax/, recipe.yml}`; returns a summary.
+
+    PyTorch / Hugging Face inputs (`hf_io.input_kind`) are merged out of core instead
+    (`stream.merge_hf`): `out_dir` then holds sharded safetensors of at most `max_shard_size`
+    (e.g. "5GB") with `model.safetensors.index.json` in the inputs' naming and dtypes, the base
+    model's config/tokenizer files and recipe.yml; `progress` shows a tqdm bar on stderr.
 
     Everything is written to a temporary sibling directory renamed into place at the end, so a
     failure leaves `out_dir` as it was (absent, empty, or - with `overwrite` - the old output).
@@ -67,6 +90,9 @@ def run(recipe: Recipe | Sequence[Recipe], out_dir: str | os.PathLike, *, seed: 
     recipes = [recipe] if isinstance(recipe, Recipe) else list(recipe)
     out = Path(os.path.abspath(out_dir))
     _check_out_dir(out, recipes, overwrite)
+    if input_kinds(recipes) == "hf":
+        return merge_hf(recipes, out, seed=seed, max_shard_bytes=parse_size(max_shard_size),
+                        progress=progress, source=source)
     flat, info = merge(recipes, seed=seed, allow_nonfinite=allow_nonfinite)
     check_output_finite(flat)
     raws = [dict(r.raw) for r in recipes]

@@ -13,6 +13,10 @@ get t = idx / (L - 1) (t = 1 if L = 1). Other tensors get mergekit's pre/post-la
 t = 1 for heads (`linear`, `fc`, `classifier`, `head`, `lm_head`), t = 0 otherwise (stems such
 as `conv1`, `bn1`). Names whose numbering restarts (torchvision `classifier_0` after
 `features_41`) are not depth-ordered: give such tensors filters.
+
+PyTorch / Hugging Face names ('.'-joined, no '/': `model.layers.3.mlp.up_proj.weight`) are keyed
+by their first integer component (3); the others get t = 0 if they contain `embed` (mergekit's
+pre-layer weights) and t = 1 otherwise (`model.norm`, `lm_head`: post-layer).
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ def _module(name: str) -> str:
 
 def layer_key(name: str) -> tuple[int, ...] | None:
     """Integers of the tensor's layer (`params/layer2_1/conv/kernel` -> (2, 1)), or None."""
+    if "/" not in name and "." in name:  # torch naming
+        ints = [p for p in name.split(".") if p.isdigit()]
+        return (int(ints[0]),) if ints else None
     module = _module(name)
     if re.search(r"_\d+$", module) is None:
         return None
@@ -74,6 +81,8 @@ def layer_positions(names: Sequence[str]) -> dict[str, float]:
         k = layer_key(n)
         if k is not None:
             out[n] = rank[k] / (len(keys) - 1) if len(keys) > 1 else 1.0
+        elif "/" not in n and "." in n:  # torch naming: embeddings first, the rest after
+            out[n] = 0.0 if "embed" in n else 1.0
         else:
             out[n] = 1.0 if _module(n) in HEADS else 0.0
     return out

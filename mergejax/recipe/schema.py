@@ -32,9 +32,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                "base_model unused)"),
     Method("task_arithmetic", "gta", ("weight", "lambda", "normalize", "int8_mask"),
            {**_GTA, "normalize": False}, doc="base + lambda sum w_i tau_i"),
-    Method("ties", "gta", ("weight", "density", "lambda", "normalize", "int8_mask"),
-           {**_GTA, "normalize": True}, "magnitude", True,
-           "per-tensor magnitude trim, sign election, disjoint merge (mergejax ties)"),
+    Method("ties", "gta", ("weight", "density", "lambda", "normalize", "int8_mask", "scope"),
+           {**_GTA, "normalize": True, "scope": "tensor"}, "magnitude", True,
+           "magnitude trim (per tensor, or scope: global over the whole model), sign "
+           "election, disjoint merge (mergejax ties)"),
     Method("dare_linear", "gta", ("weight", "density", "lambda", "normalize", "rescale",
                                   "int8_mask"),
            {**_GTA, "normalize": False, "rescale": True}, "random",
@@ -68,6 +69,10 @@ PARAMETERS: dict[str, tuple[str, str, Any, str]] = {
     "rescale": ("global", "bool", None, "dare: rescale survivors to the tensor's L1 norm"),
     "int8_mask": ("global", "bool", None, "accepted for mergekit compatibility; no effect"),
     "t": ("global", "number", (0, 1, False, False), "slerp factor, [0, 1] (required)"),
+    # mergejax extension: mergekit trims per tensor; the TIES paper over the whole model (exact
+    # out of core too: a threshold pass before the merge pass, `mergejax.recipe.thresholds`).
+    "scope": ("global", "choice", ("tensor", "global"),
+              "ties: magnitude trim per tensor (mergekit) or over the whole model (paper)"),
 }
 DTYPES = ("float32", "float16", "bfloat16")
 # `tensors` is mergejax's extension for multi-document recipes (one mergekit recipe per block, as

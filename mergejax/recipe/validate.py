@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from mergejax.io import checkpoint
 from mergejax.recipe.checkpoint_io import SAFETENSORS_NAME
+from mergejax.recipe.hf_io import SAFETENSORS_INDEX, input_kind
 from mergejax.recipe.schema import (
     DTYPES,
     MERGEKIT_ONLY,
@@ -68,6 +68,9 @@ def _is_number(v) -> bool:
 
 def _check_scalar(method: str, name: str, v) -> str | None:
     kind = PARAMETERS[name][1]
+    if kind == "choice":
+        choices = PARAMETERS[name][2]
+        return None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
     if kind == "bool":
         return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
     if not _is_number(v) or not math.isfinite(v):
@@ -83,6 +86,9 @@ def _check_scalar(method: str, name: str, v) -> str | None:
 
 def _setting_errors(method: str, name: str, setting) -> list[str]:
     """Problems of one parameter setting (scalar | gradient | {filter, value} condition(s))."""
+    if PARAMETERS[name][1] == "choice" and not isinstance(setting, str):
+        return [f"must be one of {', '.join(PARAMETERS[name][2])} (one value for the whole "
+                f"model), got {setting!r}"]
     conds = [setting] if isinstance(setting, Mapping) else setting
     if isinstance(conds, list) and conds and all(isinstance(c, Mapping) for c in conds):
         errs = []
@@ -112,19 +118,18 @@ def _is_gradient(v) -> bool:
 
 
 def _input_error(path: Path) -> str | None:
-    """Why `path` is not a readable input, or None."""
-    if path.is_dir():
-        if checkpoint.exists(path) or (path / SAFETENSORS_NAME).is_file():
-            return None
-        return (f"{path} is a directory but not an orbax checkpoint of mergejax.io.checkpoint "
-                f"(meta.json + state/) nor a recipe output ({SAFETENSORS_NAME})")
+    """Why `path` is not a readable input, or None (`hf_io.input_kind`)."""
     if not path.exists():
         return f"{path} does not exist"
-    if path.suffix != ".safetensors":
-        return (f"{path}: unknown format; expected an orbax checkpoint directory or a "
-                ".safetensors file of flat Flax variables (convert torch files with "
-                "`python -m mergejax.converters to-flax` first)")
-    return None
+    if input_kind(path) is not None:
+        return None
+    if path.is_dir():
+        return (f"{path} is a directory but not an orbax checkpoint of mergejax.io.checkpoint "
+                f"(meta.json + state/), a recipe output ({SAFETENSORS_NAME} + orbax/) nor a "
+                f"PyTorch/Hugging Face checkpoint (*.safetensors, {SAFETENSORS_INDEX}, "
+                "pytorch_model.bin)")
+    return (f"{path}: unknown format; expected an orbax checkpoint directory, a .safetensors "
+            "file, a .bin/.pt/.pth torch state dict or a Hugging Face checkpoint directory")
 
 
 def parse(raw: Any, *, check_files: bool = True) -> Recipe:

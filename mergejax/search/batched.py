@@ -16,7 +16,9 @@ DARE draws exactly the runner's masks: document j, group 0, model t, leaf i of t
 an entry where uniform(fold_in(fold_in(fold_in(fold_in(key(seed), j), 0), t), i)) < density, as
 `jax.random.bernoulli` does. The merges agree with the runner to float32 rounding (sums in
 another order); the search re-merges its best point with the runner for the checkpoint it
-writes. The K merged backbones are then evaluated in one vmapped forward pass per batch.
+writes. The K merged backbones are then evaluated in one vmapped forward pass per batch, the
+batch sharded over the `data` axis of the run's mesh (`mergejax.distributed`), the K variable
+trees replicated.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax import distributed
 from mergejax.data import eval_batches
 from mergejax.recipe.schema import DIV_EPS, METHODS
 from mergejax.search.space import SearchSpace
@@ -160,17 +163,23 @@ def supports(space: SearchSpace) -> bool:
 def stacked_logits(model, variables: Sequence[Mapping], images: np.ndarray,
                    batch_size: int = 256) -> np.ndarray:
     """(K, N, C) eval-mode logits of K variable trees of `model` on `images`: one vmapped,
-    jitted forward per batch."""
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *variables)
-    apply = _vmapped(model)
-    out = [np.asarray(apply(stacked, x))[:, :n] for x, n in eval_batches(images, batch_size)]
+    jitted forward per batch, each batch sharded over the run's `data` mesh axis."""
+    mesh = distributed.mesh()
+    stacked = distributed.replicate(
+        jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *variables), mesh)
+    apply = _vmapped(model, mesh)
+    out = []
+    for x, n in eval_batches(images, batch_size):
+        xs, _ = distributed.put_batch(x, mesh)  # padded rows are cut off below
+        out.append(distributed.to_host(distributed.wait(apply(stacked, xs), mesh))[:, :n])
     return np.concatenate(out, axis=1)
 
 
 _VMAPPED: dict = {}
 
 
-def _vmapped(model):
-    if model not in _VMAPPED:
-        _VMAPPED[model] = jax.jit(jax.vmap(model.apply, in_axes=(0, None)))
-    return _VMAPPED[model]
+def _vmapped(model, mesh):
+    if (model, mesh) not in _VMAPPED:
+        _VMAPPED[model, mesh] = jax.jit(jax.vmap(model.apply, in_axes=(0, None)),
+                                        out_shardings=distributed.replicated_sharding(mesh))
+    return _VMAPPED[model, mesh]

@@ -1,0 +1,311 @@
+"""PyTorch / Hugging Face checkpoints read one tensor at a time, in their own naming.
+
+An input of this kind is a `.safetensors` file, a `.bin` / `.pt` / `.pth` state dict (torch,
+`weights_only=True`, imported lazily), or a directory holding either a sharded checkpoint with
+an index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`), a single
+`model.safetensors` / `pytorch_model.bin`, or some `*.safetensors` files. Tensors keep their
+names (`model.layers.0.mlp.up_proj.weight`) and dtypes (bf16 as `ml_dtypes.bfloat16`).
+
+Safetensors files are read with their header and `readinto` at the tensor's offset, never
+memory-mapped: a tensor costs its own bytes and nothing stays resident after it is dropped
+(mapped pages would count in the RSS of the merge). `input_kind` tells these inputs from
+mergejax's own (orbax directories, recipe outputs, flat-layout `.safetensors`: format `flax` or
+'/'-joined names), which the in-memory recipe path reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from mergejax.io import checkpoint
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+# safetensors dtype code <-> numpy dtype name (bf16 / fp8 via ml_dtypes)
+ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+             "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64",
+             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+class CheckpointInputError(ValueError):
+    """An input checkpoint that cannot be read as asked: missing shard, corrupt header, keys or
+    shapes that differ between models. The message names the file and the tensor."""
+
+
+def np_dtype(name: str) -> np.dtype:
+    """numpy dtype of a name ('bfloat16' and the fp8 types through ml_dtypes)."""
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
+
+
+def st_code(dtype: np.dtype) -> str:
+    """The safetensors dtype code of a numpy dtype (ValueError if it has none)."""
+    for code, name in ST_DTYPES.items():
+        if np.dtype(dtype).name == name:
+            return code
+    raise ValueError(f"dtype {dtype} cannot be stored in safetensors")
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict | None:
+    """The `__metadata__` of a .safetensors file, or None if its header is unreadable."""
+    try:
+        return _read_header(Path(path))[0].get("__metadata__") or {}
+    except CheckpointInputError:
+        return None
+
+
+def _is_flax_layout(path: Path) -> bool:
+    """A .safetensors file of mergejax's flat layout: format "flax", or '/'-joined key paths
+    ('params/dense_0/kernel'; torch names are '.'-joined). An unreadable file counts as one
+    (the in-memory reader then reports it)."""
+    try:
+        header = _read_header(path)[0]
+    except CheckpointInputError:
+        return True
+    keys = [k for k in header if k != "__metadata__"]
+    meta = header.get("__metadata__") or {}
+    return meta.get("format") == "flax" or any("/" in k for k in keys)
+
+
+def input_kind(path: str | os.PathLike) -> str | None:
+    """"mergejax" (orbax checkpoint, recipe output, flat Flax .safetensors), "hf" (PyTorch /
+    Hugging Face naming, see the module docstring) or None (not a readable input)."""
+    path = Path(path)
+    if path.is_dir():
+        flat = path / "model.safetensors"  # a recipe output holds flat Flax variables
+        if checkpoint.exists(path) or (flat.is_file() and _is_flax_layout(flat)):
+            return "mergejax"
+        if (path / SAFETENSORS_INDEX).is_file() or (path / BIN_INDEX).is_file():
+            return "hf"
+        if any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir() if p.is_file()):
+            return "hf"
+        return None
+    if path.suffix == ".safetensors" and path.is_file():
+        return "mergejax" if _is_flax_layout(path) else "hf"
+    if path.suffix in TORCH_SUFFIXES and path.is_file():
+        return "hf"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and (safetensors) byte offset."""
+
+    file: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int = -1  # absolute byte offset in a .safetensors file; -1 for torch files
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(header dict, data start) of a .safetensors file; CheckpointInputError if corrupt."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 0 < n <= _MAX_HEADER:
+                raise CheckpointInputError(f"{path}: not a safetensors file (header length "
+                                           f"{n})")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointInputError(f"{path}: cannot read the safetensors header ({e})") from e
+    return header, 8 + n
+
+
+def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
+    header, start = _read_header(path)
+    size = path.stat().st_size
+    out = {}
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        if h.get("dtype") not in ST_DTYPES:
+            raise CheckpointInputError(f"{path}: tensor {name!r} has unsupported dtype "
+                                       f"{h.get('dtype')!r}")
+        b, e = h["data_offsets"]
+        info = TensorInfo(path, np_dtype(ST_DTYPES[h["dtype"]]), tuple(h["shape"]), start + b)
+        if e - b != info.nbytes or start + e > size:
+            raise CheckpointInputError(f"{path}: tensor {name!r} is truncated or corrupt (bytes "
+                                       f"{b}..{e} of a {size - start}-byte data section, "
+                                       f"{info.nbytes} expected)")
+        out[name] = info
+    return dict(sorted(out.items(), key=lambda kv: kv[1].offset))
+
+
+def _torch_load(path: Path) -> dict:
+    import torch  # only for .bin/.pt inputs
+
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors of a foreign or damaged file
+        raise CheckpointInputError(f"{path}: cannot load as a torch state dict "
+                                   f"({type(e).__name__}: {e})") from e
+    if isinstance(sd, dict) and set(sd) == {"state_dict"}:
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise CheckpointInputError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointInputError(f"{path}: entry {k!r} is a {type(v).__name__}, not a "
+                                       "tensor (a full training checkpoint? pass its state_dict)")
+    return sd
+
+
+def torch_to_numpy(t) -> np.ndarray:
+    """A CPU torch tensor as a numpy array of the same dtype (bf16 through its bits)."""
+    import torch
+
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np_dtype("bfloat16"))
+    return t.numpy()
+
+
+def _torch_dtype_name(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+class Source:
+    """One input checkpoint: tensor names in storage order, `info(name)`, `read(name)`.
+
+    Keeps at most one torch file loaded (the current one) and one open handle per
+    .safetensors file. `side_files` are the directory's non-weight files (config.json,
+    tokenizer files, ...), copied to the output from the reference model.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.infos: dict[str, TensorInfo] = {}
+        self.side_files: list[Path] = []
+        self._handles: dict[Path, object] = {}
+        self._torch: tuple[Path, dict] | None = None
+        self._index_map: dict[str, str] | None = None
+        for f in self._weight_files():
+            for name, info in self._file_infos(f).items():
+                if name in self.infos:
+                    raise CheckpointInputError(f"{self.path}: tensor {name!r} is in both "
+                                               f"{self.infos[name].file.name} and {f.name}")
+                self.infos[name] = info
+        if not self.infos:
+            raise CheckpointInputError(f"{self.path}: holds no tensors")
+
+    def _weight_files(self) -> list[Path]:
+        p = self.path
+        if not p.is_dir():
+            if not p.is_file():
+                raise CheckpointInputError(f"{p} does not exist")
+            return [p]
+        for index in (SAFETENSORS_INDEX, BIN_INDEX):
+            if (p / index).is_file():
+                return self._indexed(p / index)
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if (p / single).is_file():
+                files = [p / single]
+                break
+        else:
+            files = sorted(f for f in p.iterdir() if f.suffix == ".safetensors") or sorted(
+                f for f in p.iterdir() if f.suffix in TORCH_SUFFIXES)
+        self.side_files = self._sides(files)
+        return files
+
+    def _indexed(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointInputError(f"{index}: not a checkpoint index with a weight_map "
+                                       f"({type(e).__name__}: {e})") from e
+        files: dict[str, list[str]] = {}
+        for name, fname in weight_map.items():
+            files.setdefault(fname, []).append(name)
+        for fname, names in files.items():
+            if not (index.parent / fname).is_file():
+                raise CheckpointInputError(
+                    f"{index}: shard {fname} is missing (it holds {names[0]!r}"
+                    f"{f' and {len(names) - 1} other tensor(s)' if len(names) > 1 else ''})")
+        self._index_map = weight_map
+        out = [index.parent / f for f in files]
+        self.side_files = self._sides(out + [index])
+        return out
+
+    def _sides(self, weights: list[Path]) -> list[Path]:
+        skip = {f.name for f in weights} | {SAFETENSORS_INDEX, BIN_INDEX}
+        return sorted(f for f in self.path.iterdir()
+                      if f.is_file() and not f.name.startswith(".") and f.name not in skip
+                      and f.suffix not in WEIGHT_SUFFIXES)
+
+    def _file_infos(self, f: Path) -> dict[str, TensorInfo]:
+        if f.suffix == ".safetensors":
+            infos = _safetensors_infos(f)
+        else:
+            sd = _torch_load(f)
+            infos = {k: TensorInfo(f, np_dtype(_torch_dtype_name(v)), tuple(v.shape))
+                     for k, v in sd.items()}
+            self._torch = (f, sd)
+        index = self._index_map
+        if index is not None:
+            for name in infos:
+                if index.get(name, f.name) != f.name:
+                    raise CheckpointInputError(f"{f}: holds {name!r}, which the index puts in "
+                                               f"{index[name]}")
+            expected = [n for n, fname in index.items() if fname == f.name]
+            missing = [n for n in expected if n not in infos]
+            if missing:
+                raise CheckpointInputError(f"{f}: has no tensor {missing[0]!r}, which the index "
+                                           "puts in it (shard truncated or replaced?)")
+        return infos
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in storage order (file, then offset)."""
+        return list(self.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        """Where `name` lives (KeyError naming the checkpoint if absent)."""
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise CheckpointInputError(f"{self.path} has no tensor {name!r}") from None
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor `name` as a fresh numpy array of its stored dtype and shape."""
+        info = self.info(name)
+        if info.offset < 0:
+            if self._torch is None or self._torch[0] != info.file:
+                self._torch = None  # drop the previous file before loading the next
+                self._torch = (info.file, _torch_load(info.file))
+            return np.array(torch_to_numpy(self._torch[1][name]), copy=True)
+        f = self._handles.get(info.file)
+        if f is None:
+            f = self._handles[info.file] = open(info.file, "rb")  # noqa: SIM115 (kept open)
+        out = np.empty(info.nbytes, np.uint8)
+        f.seek(info.offset)
+        if f.readinto(out) != info.nbytes:
+            raise CheckpointInputError(f"{info.file}: tensor {name!r} is truncated")
+        return out.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        """Closes the open files and drops a loaded torch state dict."""
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+        self._torch = None

@@ -1,0 +1,310 @@
+"""Out-of-core recipe merges of PyTorch / Hugging Face checkpoints, one tensor at a time.
+
+Weight-space merges are elementwise or per tensor, so no layout conversion is needed: for every
+tensor (in the reference model's storage order) the inputs' copies are read (`hf_io.Source`),
+cast to the recipe's compute dtype, merged on device by the same call as the in-memory path
+(`execute.merge_group` on one-tensor trees), cast to the storage dtype and appended to the
+output shard (`shards.ShardedWriter`) in the input's own names. Peak memory is about
+(number of models + 2) tensors, twice over (the next tensor is read while this one merges),
+plus the merge's float32 temporaries: independent of the model size.
+
+A whole-model TIES trim (`scope: global`) first streams the task vectors to find each model's
+exact threshold (`thresholds.global_thresholds`), then merges with it. DARE's mask of a tensor
+comes from `fold_in(key(seed) [, document], crc32(tensor name))`: it depends on the seed and
+the name only, never on the reading order or the other tensors. Tensors that are not floating
+point (integer buffers) are copied from the reference model. Non-tensor files of the reference
+directory (config.json, generation_config.json, tokenizer files) are copied, so
+`transformers.AutoModel.from_pretrained(OUT)` loads the result. Everything is written into a
+temporary sibling directory renamed into place at the end (`mergejax.io.atomic.atomic_dir`):
+a killed merge leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from mergejax.io.atomic import atomic_dir
+from mergejax.io.check import NonFiniteError
+from mergejax.recipe.checkpoint_io import RECIPE_NAME
+from mergejax.recipe.execute import (
+    assign_tensors,
+    compute_cast,
+    global_densities,
+    merge_group,
+    stored,
+    untrimmed,
+)
+from mergejax.recipe.hf_io import CheckpointInputError, Source
+from mergejax.recipe.resolve import Group, plan
+from mergejax.recipe.shards import ShardedWriter
+from mergejax.recipe.validate import ModelEntry, Recipe
+
+DEFAULT_SHARD = "5GB"
+
+
+def _entries(recipes: Sequence[Recipe]) -> list[ModelEntry]:
+    """Every input entry, reference first (the base of a GTA recipe, else its first member)."""
+    seen, out = set(), []
+    for r in recipes:
+        for e in ([r.base] if r.method.kind == "gta" else []) + list(r.members):
+            if e.path not in seen:
+                seen.add(e.path)
+                out.append(e)
+    return out
+
+
+def check_sources(named: Sequence[tuple[str, Source]]) -> None:
+    """CheckpointInputError naming the tensor and the files where a model differs from the
+    first one: a missing or extra tensor, another shape or dtype."""
+    ref_name, ref = named[0]
+    for who, src in named[1:]:
+        for name, a in ref.infos.items():
+            b = src.infos.get(name)
+            if b is None:
+                raise CheckpointInputError(
+                    f"model {who} ({src.path}) has no tensor {name!r}, which {ref_name} has in "
+                    f"{a.file}")
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise CheckpointInputError(
+                    f"tensor {name!r} is {b.dtype.name}{list(b.shape)} in {b.file} but "
+                    f"{a.dtype.name}{list(a.shape)} in {a.file} ({ref_name})")
+        extra = [n for n in src.infos if n not in ref.infos]
+        if extra:
+            raise CheckpointInputError(
+                f"model {who}: tensor {extra[0]!r} of {src.info(extra[0]).file} is not in "
+                f"{ref_name} ({ref.path}){f' (+{len(extra) - 1} more)' if len(extra) > 1 else ''}")
+
+
+def _is_float(dtype) -> bool:
+    import jax.numpy as jnp
+
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def tensor_key(root, name: str):
+    """DARE's key of one tensor: `fold_in(root, crc32(name))`, independent of reading order."""
+    import jax
+
+    return jax.random.fold_in(root, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+class _Reader:
+    """Reads each tensor from every source, one tensor ahead on a background thread (file
+    reads release the GIL, so reading overlaps the merge)."""
+
+    def __init__(self, sources: dict[Path, Source]):
+        self.sources = sources
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mergejax-read")
+
+    def _read(self, name: str) -> dict[Path, np.ndarray]:
+        return {p: s.read(name) for p, s in self.sources.items()}
+
+    def sweep(self, names: Sequence[str], desc: str, progress: bool
+              ) -> Iterator[tuple[str, dict[Path, np.ndarray]]]:
+        """(name, {path: array}) for every name, in order, with a progress bar."""
+        if not names:
+            return
+        nbytes = {n: sum(s.info(n).nbytes for s in self.sources.values()) for n in names}
+        with _bar(sum(nbytes.values()), desc, progress) as bar:
+            nxt = self.pool.submit(self._read, names[0])
+            for i, name in enumerate(names):
+                arrays = nxt.result()
+                if i + 1 < len(names):
+                    nxt = self.pool.submit(self._read, names[i + 1])
+                yield name, arrays
+                bar.update(nbytes[name])
+                bar.set_postfix_str(f"{i + 1}/{len(names)} tensors", refresh=False)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _thresholds(recipe: Recipe, groups: list[Group], names: list[str], reader: _Reader,
+                progress: bool, desc: str):
+    """Whole-model thresholds of a `scope: global` document (None for per-tensor trims)."""
+    dens = global_densities(recipe, groups)
+    if dens is None:
+        return None
+    from mergejax.recipe.thresholds import global_thresholds
+
+    sweep = [0]
+
+    def tensors():
+        sweep[0] += 1
+        for _, arrays in reader.sweep(names, f"{desc} threshold {sweep[0]}/2", progress):
+            base = compute_cast(recipe, arrays[recipe.base.path])
+            members = [compute_cast(recipe, arrays[m.path]) for m in recipe.members]
+            for s in row_blocks(base.shape, base.dtype.itemsize):  # histograms add up
+                yield base[s], [m[s] for m in members]
+
+    total = sum(int(np.prod(reader.sources[recipe.base.path].info(n).shape)) for n in names)
+    return global_thresholds(tensors, dens, total)
+
+
+# Tensors above this many bytes are merged in row blocks when the method allows it, so that
+# the merge's float32 temporaries stay small whatever the tensor (embeddings, lm_head).
+CHUNK_BYTES = 64 << 20
+# Methods that are elementwise once the magnitude trim is applied (ties: its per-tensor top-k
+# threshold is found first over the blocks, `thresholds.global_thresholds` on one tensor).
+BLOCKWISE = ("linear", "task_arithmetic", "ties")
+
+
+def row_blocks(shape: tuple[int, ...], itemsize: int) -> list[slice]:
+    """Slices of axis 0 of at most CHUNK_BYTES each (one slice for a 0-d or small tensor)."""
+    if not shape or int(np.prod(shape)) * itemsize <= CHUNK_BYTES:
+        return [slice(None)]
+    row = max(1, int(np.prod(shape[1:])) * itemsize)
+    per = max(1, CHUNK_BYTES // row)
+    return [slice(i, min(i + per, shape[0])) for i in range(0, shape[0], per)]
+
+
+def _merge_one(recipe: Recipe, g: Group, thr, key, name: str,
+               arrays: dict[Path, np.ndarray], ref_dtype) -> np.ndarray:
+    """The merged tensor `name` as stored. `thr`: whole-model thresholds or None."""
+    from mergejax.recipe.thresholds import global_thresholds, trim_to_base
+
+    base = (compute_cast(recipe, arrays[recipe.base.path]) if recipe.method.kind == "gta"
+            else None)
+    members = [compute_cast(recipe, arrays[m.path]) for m in recipe.members]
+    blocks = row_blocks(members[0].shape, max(a.dtype.itemsize for a in members))
+    if len(blocks) > 1 and recipe.method.name not in BLOCKWISE:
+        blocks = [slice(None)]
+    if thr is None and len(blocks) > 1 and recipe.method.name == "ties":
+        dens = [float(mp["density"]) for mp in g.model_params]
+        if min(dens) < 1:  # this tensor's own top-k threshold, streamed over its blocks
+            thr = global_thresholds(lambda: ((base[s], [m[s] for m in members])
+                                             for s in blocks), dens, base.size)
+    if thr is not None:
+        g = untrimmed(g)
+    out = None
+    for s in blocks:
+        b = None if base is None else base[s]
+        ms = [m[s] for m in members]
+        if thr is not None:
+            ms = [trim_to_base(b, m, thr[t]) for t, m in enumerate(ms)]
+        merged = merge_group(recipe.method, None if b is None else {name: b},
+                             [{name: m} for m in ms], g, key)[name]
+        value = stored(merged, recipe, ref_dtype)
+        if len(blocks) == 1:
+            return value
+        if out is None:
+            out = np.empty(members[0].shape, value.dtype)
+        out[s] = value
+    return out
+
+
+def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
+                  max_shard_bytes: int, progress: bool = True,
+                  source: str | None = None) -> dict:
+    """Merges PyTorch / HF inputs out of core into the (empty) directory `tmp`; returns stats.
+
+    Writes the sharded safetensors + index (input names, storage dtype = `out_dtype` or the
+    input's), the reference model's non-tensor files and `recipe.yml`. Raises
+    CheckpointInputError (missing shard, models that differ: naming file and tensor),
+    RecipeError (a plan that cannot run) or NonFiniteError (a merged tensor with NaN/inf).
+    """
+    import jax
+
+    entries = _entries(recipes)
+    sources: dict[Path, Source] = {}
+    reader = None
+    try:
+        for e in entries:
+            sources[e.path] = Source(e.path)
+        ref = sources[entries[0].path]
+        check_sources([(e.ref, sources[e.path]) for e in entries])
+        names = ref.names
+        floats = [n for n in names if _is_float(ref.info(n).dtype)]
+        reader = _Reader(sources)
+        root = jax.random.key(seed)
+        job: dict[str, tuple] = {}
+        all_groups = 0
+        for j, (recipe, block) in enumerate(zip(recipes, assign_tensors(recipes, floats))):
+            if not block:
+                continue
+            key = root if len(recipes) == 1 else jax.random.fold_in(root, j)
+            groups = plan(recipe, block)
+            all_groups += len(groups)
+            in_block = set(block)
+            order = [n for n in names if n in in_block]
+            thr = _thresholds(recipe, groups, order, reader, progress,
+                              f"doc {j}" if len(recipes) > 1 else recipe.method.name)
+            for g in groups:
+                for n in g.names:
+                    job[n] = (recipe, g, thr, key)
+        items = []
+        for n in names:
+            info = ref.info(n)
+            out_dt = info.dtype if n not in job else stored(
+                np.zeros((), info.dtype), job[n][0], info.dtype).dtype
+            items.append((n, info.shape, out_dt))
+        raws = [dict(r.raw) for r in recipes]
+        raw_json = json.dumps(raws[0] if len(raws) == 1 else raws, sort_keys=True, default=str)
+        writer = ShardedWriter(tmp, items, max_shard_bytes,
+                               {"mergejax_recipe": raw_json, "seed": str(seed)})
+        with ThreadPoolExecutor(1, thread_name_prefix="mergejax-write") as wpool:
+            pending = None
+            try:
+                for n, arrays in reader.sweep(names, "merge", progress):
+                    if n in job:
+                        recipe, g, thr, key = job[n]
+                        try:
+                            value = _merge_one(recipe, g, thr, tensor_key(key, n), n, arrays,
+                                               ref.info(n).dtype)
+                        except ValueError as e:  # the methods' checks, e.g. non-finite inputs
+                            files = ", ".join(str(s.info(n).file) for s in sources.values())
+                            raise CheckpointInputError(f"tensor {n!r} ({files}): {e}") from e
+                        if not np.isfinite(value).all():
+                            raise NonFiniteError(
+                                f"merged tensor {n!r} has NaN/inf values; nothing was written "
+                                "(check the inputs, and an out_dtype that overflows)")
+                    else:
+                        value = arrays[ref.path]
+                    if pending is not None:
+                        pending.result()
+                    pending = wpool.submit(writer.write, n, value)
+                if pending is not None:
+                    pending.result()
+                writer.finish()
+            finally:
+                writer.close()
+        for f in ref.side_files:
+            shutil.copy2(f, tmp / f.name)
+        (tmp / RECIPE_NAME).write_text(source or yaml.safe_dump_all(raws, sort_keys=False))
+        return {"tensors": len(names), "values": sum(int(np.prod(s)) for _, s, _ in items),
+                "dtypes": sorted({np.dtype(d).name for _, _, d in items}),
+                "groups": all_groups, "shards": len(writer.shards)}
+    finally:
+        if reader is not None:
+            reader.close()
+        for s in sources.values():
+            s.close()
+
+
+def merge_hf(recipes: Sequence[Recipe], out: Path, *, seed: int = 0,
+             max_shard_bytes: int, progress: bool = True, source: str | None = None) -> str:
+    """`run_streaming` into a temporary sibling of `out`, renamed into place when complete;
+    returns a one-line summary."""
+    with atomic_dir(out) as tmp:
+        stats = run_streaming(recipes, tmp, seed=seed, max_shard_bytes=max_shard_bytes,
+                              progress=progress, source=source)
+    methods = "+".join(r.method.name for r in recipes)
+    k = len(recipes[0].members)
+    return (f"{methods}: merged {k} model{'s' * (k != 1)} into {out} ({stats['tensors']} "
+            f"tensors, {stats['values']:,} values, {','.join(stats['dtypes'])}, "
+            f"{stats['shards']} shard(s), {stats['groups']} parameter group(s))")
