@@ -7,9 +7,9 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from helpers import json_numbers
 from matplotlib.figure import Figure
 
-from helpers import json_numbers
 from mergejax import config_lib, experiment, validation  # noqa: F401  (kinds register)
 from mergejax.diagnostics import Section, enabled, settings, write_report, write_sections
 from mergejax.diagnostics.report import move_aside

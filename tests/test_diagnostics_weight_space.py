@@ -7,8 +7,8 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
-
 from helpers import json_numbers
+
 from mergejax import experiment
 from mergejax.config_lib import load_config_file
 from mergejax.diagnostics import weight_space, write_sections
