@@ -36,7 +36,9 @@ def _free_port() -> int:
 def _launch_two(workdir: Path, methods: str) -> list[subprocess.CompletedProcess]:
     """Runs launch.py as processes 0 and 1 of one distributed run; returns both results."""
     port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MERGEJAX_COMPILE_CACHE": "off",
+    # every device of both processes: the suite's MERGEJAX_DATA_DEVICES=1 is not for this run
+    env = {k: v for k, v in os.environ.items() if k != "MERGEJAX_DATA_DEVICES"}
+    env = {**env, "JAX_PLATFORMS": "cpu", "MERGEJAX_COMPILE_CACHE": "off",
            # one CPU device per process: the 2 processes are the 2 "hosts"
            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     procs = []
