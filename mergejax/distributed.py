@@ -30,30 +30,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mergejax.kernels.processes import initialize  # noqa: F401 (re-exported)
 from mergejax.kernels.sharding import DATA, data_mesh, data_size, pad_batch
 
 _OVERRIDE: list[Mesh] = []
-
-
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-    """`jax.distributed.initialize`, with arguments from flags or the environment.
-
-    Args:
-      coordinator: "host:port" of process 0 (env `MERGEJAX_COORDINATOR`); None lets JAX detect
-        Slurm / Kubernetes / Cloud TPU.
-      num_processes: env `MERGEJAX_NUM_PROCESSES`; process_id: env `MERGEJAX_PROCESS_ID`.
-
-    CPU processes exchange collectives over gloo (set before the backend starts).
-    """
-    env = os.environ
-    coordinator = coordinator or env.get("MERGEJAX_COORDINATOR") or None
-    if num_processes is None and env.get("MERGEJAX_NUM_PROCESSES"):
-        num_processes = int(env["MERGEJAX_NUM_PROCESSES"])
-    if process_id is None and env.get("MERGEJAX_PROCESS_ID"):
-        process_id = int(env["MERGEJAX_PROCESS_ID"])
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id)
 
 
 def process_index() -> int:

@@ -45,6 +45,8 @@ def logits(model: Model, variables: Variables, images: np.ndarray, batch_size: i
     out = []
     for x, n in eval_batches(images, batch_size):
         xs, _ = distributed.put_batch(x, mesh)  # padded rows are cut off below
+        # `wait` blocks only when the mesh spans several local CPU devices (a no-op check
+        # otherwise): there, a host running ahead of XLA:CPU can starve a running all-gather.
         out.append(distributed.to_host(distributed.wait(apply(variables, xs), mesh))[:n])
     return np.concatenate(out)
 

@@ -38,13 +38,25 @@ ESTIMATORS = ("population", "per_batch")
 
 
 @functools.lru_cache(maxsize=16)
-def _batch_stats_fn(model: Model, mesh: jax.sharding.Mesh):
-    """jit fn(variables, x, mask) -> (batch_stats of x's unmasked rows alone, {BatchNorm path:
-    positions per channel and example}).
+def batch_stats_fn(model: Model, mesh: jax.sharding.Mesh, *, stacked: bool = False):
+    """A jitted `fn(variables, x, mask) -> (stats, positions)`: each BatchNorm layer's train-mode
+    statistics of one batch alone, replicated on `mesh`. Cached per (model, mesh, stacked).
 
-    Momentum 0 makes the "running" statistics after one train-mode call equal the batch's own
-    (mean and biased variance). The positions per example (H * W at that layer) come from the
-    BatchNorm outputs captured in the same call.
+    Args of `fn`:
+      variables: the model's variables, replicated on `mesh`; with `stacked`, K models stacked
+        on a leading axis of every leaf (scored at once, one vmapped forward).
+      x: (B, H, W, C) images sharded over `data` (`distributed.put_batch`).
+      mask: (B,) bool, False on padded rows, or None (no padding).
+
+    Returns of `fn`:
+      stats: the `batch_stats` tree, per BatchNorm layer `{"mean": (C,), "var": (C,)}` float32
+        ((K, C) with `stacked`): the mean and biased variance over x's unmasked rows and all
+        positions.
+      positions: `{BatchNorm path (tuple of names): () int}` positions per channel and example
+        at that layer (its H * W), the same for all K.
+
+    Momentum 0 makes the "running" statistics after one train-mode call equal the batch's own;
+    the positions come from the BatchNorm outputs captured in the same call.
     """
     exact = model.with_bn_momentum(0.0)
 
@@ -58,11 +70,13 @@ def _batch_stats_fn(model: Model, mesh: jax.sharding.Mesh):
                      if path[-1] == "__call__"}
         return state["batch_stats"], positions
 
+    if stacked:  # positions depend on shapes only, so they are not stacked
+        stats = jax.vmap(stats, in_axes=(0, None, None), out_axes=(0, None))
     return jax.jit(stats, out_shardings=distributed.replicated_sharding(mesh))
 
 
 def reset_batch_stats(model: Model, variables: Variables, batches: Iterable[np.ndarray], *,
-                      estimator: str = "population") -> Variables:
+                      estimator: str = "population", stacked: bool = False) -> Variables:
     """`variables` with BatchNorm running statistics recomputed over `batches` (B, H, W, C).
 
     Two estimators of each channel's running mean and variance:
@@ -76,13 +90,15 @@ def reset_batch_stats(model: Model, variables: Variables, batches: Iterable[np.n
       layer), so every batch weighs the same and a ragged last batch counts as much as a full one.
 
     Accumulated in float64, stored as float32. Models without BatchNorm are returned unchanged.
+    With `stacked`, `variables` are K models stacked on a leading axis of every leaf, each reset
+    as if alone by one vmapped forward per batch (statistics leaves (K, C)).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown BatchNorm estimator {estimator!r}; valid: {ESTIMATORS}")
     if "batch_stats" not in variables:
         return variables
     mesh = distributed.mesh()
-    fn = _batch_stats_fn(model, mesh)
+    fn = batch_stats_fn(model, mesh, stacked=stacked)
     on_mesh = distributed.replicate(variables, mesh)
     acc: dict = {}  # layer path -> (total weight, weighted mean sum, weighted var sum)
     for x in batches:

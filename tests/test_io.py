@@ -170,3 +170,13 @@ def test_cli_errors_map_to_one_line_and_exit_codes(capsys, monkeypatch):
     assert "Traceback" in capsys.readouterr().err
     with pytest.raises(E.UsageError, match=r"unrecognized arguments: --nope \(see prog --help\)"):
         E.ArgumentParser(prog="prog").parse_args(["--nope"])
+
+
+@pytest.mark.parametrize("nbytes", [1, 63, 64, 1000, 1 << 20])
+def test_aligned_empty_starts_on_a_64_byte_boundary(nbytes):
+    from mergejax.io.safetensors_io import ALIGNMENT, aligned_empty
+
+    arrays = [aligned_empty(nbytes) for _ in range(4)]  # several, so luck cannot pass it
+    for a in arrays:
+        assert a.shape == (nbytes,) and a.dtype == np.uint8
+        assert a.ctypes.data % ALIGNMENT == 0

@@ -114,9 +114,9 @@ def ref_gta(base, tuned, weights, *, lam, normalize, consensus, density=1.0, sco
 
 
 def ref_linear(models, weights):
-    w = np.asarray(weights, np.float64) / np.sum(weights)
-    return {k: sum(wi * _f32(m[k]) for wi, m in zip(w, models)).astype(np.float32).astype(BF16)
-            for k in models[0]}
+    """sum_t w_t theta_t / sum_t w_t in float32, stored as bf16."""
+    w = np.asarray(weights, np.float32) / np.float32(np.sum(weights))
+    return {k: sum(wi * _f32(m[k]) for wi, m in zip(w, models)).astype(BF16) for k in models[0]}
 
 
 def ref_slerp(a, b, t):
@@ -359,6 +359,29 @@ def test_key_and_shape_mismatch_name_the_tensor_and_files(llama, tmp_path):
     _save_single(sd, tmp_path / "extra.safetensors")
     _expect_error(llama, tmp_path, tmp_path / "extra.safetensors", "'extra.weight'",
                   "extra.safetensors", "is not in")
+
+
+def test_non_finite_input_and_overflowing_out_dtype_write_nothing(llama, tmp_path):
+    """A NaN in one input tensor is refused by name (the methods' input check); a merge whose
+    values overflow the requested out_dtype is refused after the storage cast."""
+    from mergejax.io.check import NonFiniteError
+
+    name = "model.layers.1.self_attn.o_proj.weight"
+    sd = dict(llama["sd:ft1"])
+    sd[name] = sd[name].copy()
+    sd[name][3, 5] = np.nan
+    _save_single(sd, tmp_path / "nan.safetensors")
+    _expect_error(llama, tmp_path, tmp_path / "nan.safetensors", repr(name),
+                  "nan.safetensors", "non-finite")
+    raw = {**_recipe(llama, "task_arithmetic"), "out_dtype": "float16"}
+    raw["parameters"] = {"lambda": 1e7}  # |tau| ~ 0.02: 2e5 > float16's max 65504
+    with pytest.raises(NonFiniteError, match="merged tensor .* has NaN/inf values"):
+        R.run(R.parse(raw), tmp_path / "out16")
+    assert not (tmp_path / "out16").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out16")]
+    raw["parameters"] = {"lambda": 1.0}  # the same recipe in range: float16 output
+    R.run(R.parse(raw), tmp_path / "ok16")
+    assert {v.dtype for v in _read_dir(tmp_path / "ok16").values()} == {np.dtype(np.float16)}
 
 
 # --------------------------------------------------------------------------------------------

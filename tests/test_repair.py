@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from helpers import Problem, tiny
 
-from mergejax import data, models, specs
-from mergejax.repair import repair, reset_batch_stats
+from mergejax import data, distributed, models, specs
+from mergejax.repair import batch_stats_fn, repair, reset_batch_stats
 from mergejax.train import TrainSettings, train
 
 
@@ -183,3 +183,27 @@ def test_batchnorm_models_get_exactly_a_batchnorm_reset():
         assert not np.allclose(o["batch_stats"]["bn1"]["mean"], m["batch_stats"]["bn1"]["mean"])
     single = repair(model, spec, [a, b], merged[0], transforms, batches)
     jax.tree.map(np.testing.assert_array_equal, single, out[0])
+
+
+def test_batch_stats_fn_ignores_masked_rows_and_counts_positions():
+    """Padded rows under mask False change nothing; positions are each BatchNorm's H * W
+    (8x8 input: 64 in the first stage, 16 and 4 after each stride-2 stage); the stacked fn
+    gives each model's own statistics."""
+    model, a, x = tiny("resnet20", seed=0)
+    _, b, _ = tiny("resnet20", seed=1)
+    mesh = distributed.mesh()
+    fn = batch_stats_fn(model, mesh)
+    junk = np.concatenate([x, 100.0 + x[:2]])
+    mask = np.arange(len(junk)) < len(x)
+    want, positions = fn(a, x, None)
+    got, masked_positions = fn(a, junk, mask)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
+    positions = {k: int(v) for k, v in positions.items()}
+    assert {k: int(v) for k, v in masked_positions.items()} == positions
+    assert sorted(set(positions.values())) == [4, 16, 64] and positions[("bn1",)] == 64
+    stacked, _ = batch_stats_fn(model, mesh, stacked=True)(
+        jax.tree.map(lambda u, v: np.stack([u, v]), a, b), junk, mask)
+    for k, v in enumerate((a, b)):
+        own = fn(v, x, None)[0]
+        jax.tree.map(lambda g, w, k=k: np.testing.assert_allclose(g[k], w, rtol=1e-5,
+                                                                  atol=1e-6), stacked, own)

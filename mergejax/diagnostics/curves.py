@@ -25,7 +25,7 @@ tasks share one label space they are interpolated with weights (1 - t, t); other
 task keeps its own model's head (unmerged into the line's basis), all on the same trunk.
 
 **Scoring.** With BatchNorm, every point (the ends included) gets its running statistics
-recomputed on the given batches with `mergejax.repair.reset_batch_stats`'s estimators, so the
+recomputed on the given batches by `mergejax.repair.reset_batch_stats` (`stacked=True`), so the
 ends equal the endpoints after that same reset (the endpoints themselves under
 `config.repair.reset_endpoints`). The K points are stacked and scored by one vmapped, jitted
 forward per evaluation batch (and one per reset batch); per-task heads that differ only in the
@@ -47,13 +47,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from mergejax import evaluation, repair, specs
 from mergejax.data import Task, eval_batches, union
@@ -216,59 +214,6 @@ def line(spec: MergeSpec, endpoints: Sequence[Variables], transforms: Mapping[st
     return Line(ts, trunk, tails, [tuple(t) for t in tasks])
 
 
-# ----------------------------------------------------------------------------- BatchNorm reset
-@functools.lru_cache(maxsize=8)
-def _stacked_stats_fn(model: Model):
-    """jit fn(stacked variables, x) -> stacked batch_stats of x alone (momentum 0), per point."""
-    exact = model.with_bn_momentum(0.0)
-
-    def stats(variables, x):
-        _, state = exact.module.apply(variables, x, train=True, mutable=["batch_stats"])
-        return state["batch_stats"]
-
-    return jax.jit(jax.vmap(stats, in_axes=(0, None)))
-
-
-def _bn_counts(model: Model, variables: Variables, x: np.ndarray) -> dict[tuple, int]:
-    """Positions per channel (B * H * W) at each BatchNorm layer for input like `x`."""
-    def capture(v, x):
-        _, state = model.module.apply(
-            v, x, train=True, mutable=["batch_stats", "intermediates"],
-            capture_intermediates=lambda mdl, _: isinstance(mdl, nn.BatchNorm))
-        return state["intermediates"]
-
-    shapes = jax.eval_shape(capture, variables, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    return {path[:-1]: int(np.prod(out[0].shape[:-1]))
-            for path, out in traverse_util.flatten_dict(shapes).items()
-            if path[-1] == "__call__"}
-
-
-def reset_stacked(model: Model, stacked: Variables, batches: Iterable[np.ndarray], *,
-                  estimator: str = "population") -> Variables:
-    """`repair.reset_batch_stats` of each of K stacked models at once (leaves (K, ...)): one
-    vmapped forward per batch, the same estimators (float64 sums, float32 result). Models
-    without BatchNorm come back unchanged."""
-    if estimator not in repair.ESTIMATORS:
-        raise ValueError(f"unknown BatchNorm estimator {estimator!r}; valid: {repair.ESTIMATORS}")
-    if "batch_stats" not in stacked:
-        return stacked
-    fn = _stacked_stats_fn(model)
-    acc: dict = {}  # layer path -> (total weight, weighted mean sum (K, C), var sum (K, C))
-    counts: dict = {}
-    for x in batches:
-        x = np.asarray(x)
-        flat = traverse_util.flatten_dict(jax.device_get(fn(stacked, x)))
-        if estimator == "per_batch" and x.shape not in counts:
-            counts[x.shape] = _bn_counts(model, jax.tree.map(lambda v: v[0], stacked), x)
-        for path, value in flat.items():
-            layer, leaf = path[:-1], path[-1]
-            if leaf != "mean":
-                continue
-            repair.add_batch_moments(acc, layer, value, flat[(*layer, "var")],
-                                     counts.get(x.shape, {}).get(layer, 0), len(x), estimator)
-    return {**stacked, "batch_stats": repair.combined_batch_stats(acc)}
-
-
 # ------------------------------------------------------------------------------------ scoring
 @functools.lru_cache(maxsize=8)
 def _stacked_apply(model: Model):
@@ -362,7 +307,8 @@ def evaluate_line(model: Model, ln: Line, images: np.ndarray, labels: np.ndarray
     if any(p.startswith("batch_stats/") for p in ln.trunk):
         if not reset_batches:
             raise ValueError("the line's models have BatchNorm: give reset_batches")
-        stats = reset_stacked(model, ln.tree(0), reset_batches, estimator=estimator)
+        stats = repair.reset_batch_stats(model, ln.tree(0), reset_batches, estimator=estimator,
+                                         stacked=True)
         flat_stats = specs.flatten({"batch_stats": stats["batch_stats"]})
         ln = dataclasses.replace(ln, trunk={**ln.trunk, **flat_stats})
     fused = _fused(model, ln)

@@ -10,6 +10,7 @@ from mergejax, so every other layer (converters, recipe, the run) may use it.
 - `cli_errors`: `run_cli` (one message, exit 2 usage / 1 failure, --debug), `UsageError`,
   `OutputExistsError`, an argparse `ArgumentParser` raising UsageError;
 - `safetensors_io`: `read_safetensors` / `write_safetensors` (the one reader and writer; bf16
-  kept or upcast to float32 exactly);
+  kept or upcast to float32 exactly); out of core, `tensor_infos` (header only) and
+  `read_tensor` (one tensor at its offset), with the one dtype table `ST_DTYPES`;
 - `checkpoint`: orbax checkpoints with a `meta.json` (`exists`, `save`, `load`, `load_meta`).
 """

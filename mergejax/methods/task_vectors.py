@@ -11,7 +11,8 @@ Contents
 - task vectors as pytrees (`task_vectors`);
 - exact magnitude top-k thresholds over the whole model (`global_thresholds`, the TIES paper /
   tall_masks granularity): the radix select of `mergejax.kernels.topk` (per tensor:
-  `keep_topk`), its histograms summed leaf by leaf;
+  `keep_topk`), its histograms summed leaf by leaf, or block by block over tensors streamed
+  from disk (`streamed_thresholds`, used by the out-of-core recipes);
 - the per-leaf merge kernel shared by TA / TIES / DARE / Breadcrumbs (`merge_leaves`) with the
   TIES sign election and disjoint merge (`elect_and_merge`);
 - one-bit-per-weight mask storage with `np.packbits` (`pack_masks`, `unpack_masks`), the TALL
@@ -26,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -90,8 +91,15 @@ class Models:
 
 
 @jax.jit
-def _all_finite(x):
-    return jnp.all(jnp.isfinite(x))
+def all_finite(x):
+    """True (scalar bool array) iff the float array `x` (any shape, empty included) has no NaN
+    or inf.
+
+    A max-reduce of |x| (NaN propagates through max): XLA:CPU vectorises it, ~3x faster than
+    `all(isfinite(x))` on a 32M-entry bf16 tensor (9 vs 26 ms), and it runs once per input leaf
+    of every merge.
+    """
+    return jnp.max(jnp.abs(x), initial=0) < jnp.inf
 
 
 def stream(fn: Callable[[int], Any], n: int, window: int = 2) -> list:
@@ -182,7 +190,7 @@ def prepare(base: Params | None, finetuned: Sequence[Params], *, method: str,
             raise ValueError(f"{method}: leaf {p!r} has {np.size(leaf)} entries; at most "
                              f"{_MAX_LEAF} per leaf are supported (split it)")
     if check_finite:
-        flags = jax.device_get([stream(lambda i, ls=leaves: _all_finite(ls[i]), len(leaves))
+        flags = jax.device_get([stream(lambda i, ls=leaves: all_finite(ls[i]), len(leaves))
                                 for _, leaves in named])
         for (who, _), row in zip(named, flags):
             for p, ok in zip(ref_paths, row):
@@ -309,28 +317,53 @@ def _host_sum(arrays, chunk: int = 2) -> np.ndarray:
     return total
 
 
+# A factory of (base block or None, [T model blocks]) pairs, one per leaf or per piece of one;
+# called once per pass, so it may stream the blocks from disk.
+Blocks = Callable[[], Iterable[tuple[Any, Sequence[Any]]]]
+
+
+def streamed_thresholds(blocks: Blocks, ranks: Sequence[int], *, prep: Prep = None,
+                        aux=None) -> np.ndarray:
+    """(T,) int32 bit patterns: model t keeps `abs_bits(tau_t) >= thr[t]` over all blocks.
+
+    The exact radix select of `mergejax.kernels.topk` over everything `blocks()` yields: one
+    pass sums the histograms of the high magnitude bits, a second those of the low bits inside
+    the bin holding the rank-th smallest |tau|. Histograms are summed on the host in int64, so
+    models beyond 2^31 entries are exact; the result never depends on how the entries are split
+    into blocks.
+
+    Args:
+      blocks: called twice (once per pass); block i is (base, members) with tau_t =
+        `tau(base, members[t])`, then `prep(taus, aux, i)` if `prep` is given (leaf index i).
+      ranks: (T,) 1-based rank (ascending |tau|, `topk.topk_kth`) of each model's threshold
+        among all its entries; 0 keeps everything (threshold 0).
+      prep, aux: as `merge_leaves` (the task-vector leaves a merge actually uses).
+    """
+    rank = np.asarray(ranks, np.int64)
+    if not rank.any():
+        return np.zeros(len(rank), np.int32)
+    hist = _host_sum(_hist_hi(b, tuple(ms), aux, i, prep=prep)
+                     for i, (b, ms) in enumerate(blocks()))
+    h, inside = topk.first_reaching(hist, np.maximum(rank, 1))
+    hj = jnp.asarray(h, jnp.int32)
+    hist = _host_sum(_hist_lo(b, tuple(ms), aux, i, hj, prep=prep)
+                     for i, (b, ms) in enumerate(blocks()))
+    lo, _ = topk.first_reaching(hist, inside)
+    return np.where(rank > 0, topk.join_bits(h, lo), 0).astype(np.int32)
+
+
 def global_thresholds(models: Models, density: float, *, prep: Prep = None,
                       aux=None) -> np.ndarray:
     """Per-model magnitude threshold over the **whole model** (all leaves), as int32 bit patterns.
 
     Model t keeps entries with `abs_bits(tau) >= thr[t]` (tall_masks `topk_values_mask` applied
-    to the flattened model, as the TIES paper and tall_masks do). Two streaming passes over the
-    leaves; histograms are summed on the host in int64 so models beyond 2^31 entries are exact.
+    to the flattened model, as the TIES paper and tall_masks do): `streamed_thresholds` over
+    the leaves.
     """
     d = sum(int(np.size(x)) for x in models.models[0])
-    kth = topk.topk_kth(d, density)
-    T = models.num_models
-    if kth == 0:
-        return np.zeros(T, np.int32)
-    rank = np.full(T, kth, np.int64)
-    hist = _host_sum(_hist_hi(*models.leaf(i), aux, i, prep=prep)
-                     for i in range(models.num_leaves))
-    h, rank = topk.first_reaching(hist, rank)
-    hj = jnp.asarray(h, jnp.int32)
-    hist = _host_sum(_hist_lo(*models.leaf(i), aux, i, hj, prep=prep)
-                     for i in range(models.num_leaves))
-    lo, _ = topk.first_reaching(hist, rank)
-    return topk.join_bits(h, lo)
+    rank = np.full(models.num_models, topk.topk_kth(d, density), np.int64)
+    return streamed_thresholds(lambda: (models.leaf(i) for i in range(models.num_leaves)), rank,
+                               prep=prep, aux=aux)
 
 
 # --------------------------------------------------------------------------------------------

@@ -141,14 +141,29 @@ def _dtype(name: str | None):
     return None if name is None else np.dtype(jnp.dtype(name))
 
 
-def stored(value, recipe: Recipe, in_dtype) -> np.ndarray:
+def storage_dtype(recipe: Recipe, in_dtype) -> np.dtype:
+    """The dtype a merged tensor is stored in: `out_dtype`, default the input's `in_dtype`."""
+    return np.dtype(in_dtype) if recipe.out_dtype is None else _dtype(recipe.out_dtype)
+
+
+def stored(value, recipe: Recipe, in_dtype):
     """A merged tensor as stored: in the compute dtype (`dtype`, as mergekit), then cast to
-    `out_dtype` (default: the input's dtype `in_dtype`)."""
-    value = np.asarray(value)
+    `storage_dtype`. A jax array stays on its device (cast there: the caller checks and
+    copies it once); anything else becomes a numpy array."""
+    import jax
+
     if recipe.dtype:
         value = value.astype(_dtype(recipe.dtype))
+    out = storage_dtype(recipe, in_dtype)
+    if isinstance(value, jax.Array):
+        return value.astype(out)
     with np.errstate(over="ignore"):  # an overflow is refused before writing
-        return value.astype(in_dtype if recipe.out_dtype is None else _dtype(recipe.out_dtype))
+        return np.asarray(value).astype(out, copy=False)
+
+
+def compute_dtype(recipe: Recipe, dtype) -> np.dtype:
+    """The dtype `compute_cast` gives an array of `dtype`."""
+    return np.dtype(dtype) if recipe.dtype is None else _dtype(recipe.dtype)
 
 
 def compute_cast(recipe: Recipe, array):
@@ -252,7 +267,7 @@ def merge_flats(recipes: Recipe | Sequence[Recipe], inputs: Mapping[Path, Flat],
             merged = merge_group(recipe.method, None if base is None else sub(base),
                                  [sub(m) for m in members], g, jax.random.fold_in(key, i))
             for name, value in flatten(merged).items():
-                out[name] = stored(value, recipe, in_dtypes[name])
+                out[name] = np.asarray(stored(value, recipe, in_dtypes[name]))
     return out, all_groups
 
 

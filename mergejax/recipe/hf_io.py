@@ -7,33 +7,35 @@ an index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`), a sin
 names (`model.layers.0.mlp.up_proj.weight`) and dtypes (bf16 as `ml_dtypes.bfloat16`).
 
 Safetensors files are read with their header and `readinto` at the tensor's offset, never
-memory-mapped: a tensor costs its own bytes and nothing stays resident after it is dropped
-(mapped pages would count in the RSS of the merge). `input_kind` tells these inputs from
-mergejax's own (orbax directories, recipe outputs, flat-layout `.safetensors`: format `flax` or
-'/'-joined names), which the in-memory recipe path reads.
+memory-mapped (`mergejax.io.safetensors_io.tensor_infos` / `read_tensor`): a tensor costs its
+own bytes and nothing stays resident after it is dropped (mapped pages would count in the RSS
+of the merge). `input_kind` tells these inputs from mergejax's own (orbax directories, recipe
+outputs, flat-layout `.safetensors`: format `flax` or '/'-joined names), which the in-memory
+recipe path reads.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from mergejax.io import checkpoint
+from mergejax.io.safetensors_io import (
+    SafetensorsFormatError,
+    TensorInfo,
+    np_dtype,
+    read_header,
+    read_tensor,
+    tensor_infos,
+)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
-# safetensors dtype code <-> numpy dtype name (bf16 / fp8 via ml_dtypes)
-ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-             "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64",
-             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-_MAX_HEADER = 100 << 20  # safetensors' own limit
 
 
 class CheckpointInputError(ValueError):
@@ -41,36 +43,13 @@ class CheckpointInputError(ValueError):
     shapes that differ between models. The message names the file and the tensor."""
 
 
-def np_dtype(name: str) -> np.dtype:
-    """numpy dtype of a name ('bfloat16' and the fp8 types through ml_dtypes)."""
-    import ml_dtypes
-
-    return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
-
-
-def st_code(dtype: np.dtype) -> str:
-    """The safetensors dtype code of a numpy dtype (ValueError if it has none)."""
-    for code, name in ST_DTYPES.items():
-        if np.dtype(dtype).name == name:
-            return code
-    raise ValueError(f"dtype {dtype} cannot be stored in safetensors")
-
-
-def safetensors_metadata(path: str | os.PathLike) -> dict | None:
-    """The `__metadata__` of a .safetensors file, or None if its header is unreadable."""
-    try:
-        return _read_header(Path(path))[0].get("__metadata__") or {}
-    except CheckpointInputError:
-        return None
-
-
 def _is_flax_layout(path: Path) -> bool:
     """A .safetensors file of mergejax's flat layout: format "flax", or '/'-joined key paths
     ('params/dense_0/kernel'; torch names are '.'-joined). An unreadable file counts as one
     (the in-memory reader then reports it)."""
     try:
-        header = _read_header(path)[0]
-    except CheckpointInputError:
+        header = read_header(path)[0]
+    except SafetensorsFormatError:
         return True
     keys = [k for k in header if k != "__metadata__"]
     meta = header.get("__metadata__") or {}
@@ -95,56 +74,6 @@ def input_kind(path: str | os.PathLike) -> str | None:
     if path.suffix in TORCH_SUFFIXES and path.is_file():
         return "hf"
     return None
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its file, dtype, shape and (safetensors) byte offset."""
-
-    file: Path
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    offset: int = -1  # absolute byte offset in a .safetensors file; -1 for torch files
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tensor's data."""
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    """(header dict, data start) of a .safetensors file; CheckpointInputError if corrupt."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if not 0 < n <= _MAX_HEADER:
-                raise CheckpointInputError(f"{path}: not a safetensors file (header length "
-                                           f"{n})")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointInputError(f"{path}: cannot read the safetensors header ({e})") from e
-    return header, 8 + n
-
-
-def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
-    header, start = _read_header(path)
-    size = path.stat().st_size
-    out = {}
-    for name, h in header.items():
-        if name == "__metadata__":
-            continue
-        if h.get("dtype") not in ST_DTYPES:
-            raise CheckpointInputError(f"{path}: tensor {name!r} has unsupported dtype "
-                                       f"{h.get('dtype')!r}")
-        b, e = h["data_offsets"]
-        info = TensorInfo(path, np_dtype(ST_DTYPES[h["dtype"]]), tuple(h["shape"]), start + b)
-        if e - b != info.nbytes or start + e > size:
-            raise CheckpointInputError(f"{path}: tensor {name!r} is truncated or corrupt (bytes "
-                                       f"{b}..{e} of a {size - start}-byte data section, "
-                                       f"{info.nbytes} expected)")
-        out[name] = info
-    return dict(sorted(out.items(), key=lambda kv: kv[1].offset))
 
 
 def _torch_load(path: Path) -> dict:
@@ -255,7 +184,10 @@ class Source:
 
     def _file_infos(self, f: Path) -> dict[str, TensorInfo]:
         if f.suffix == ".safetensors":
-            infos = _safetensors_infos(f)
+            try:
+                infos = tensor_infos(f)
+            except SafetensorsFormatError as e:
+                raise CheckpointInputError(str(e)) from e
         else:
             sd = _torch_load(f)
             infos = {k: TensorInfo(f, np_dtype(_torch_dtype_name(v)), tuple(v.shape))
@@ -297,11 +229,10 @@ class Source:
         f = self._handles.get(info.file)
         if f is None:
             f = self._handles[info.file] = open(info.file, "rb")  # noqa: SIM115 (kept open)
-        out = np.empty(info.nbytes, np.uint8)
-        f.seek(info.offset)
-        if f.readinto(out) != info.nbytes:
-            raise CheckpointInputError(f"{info.file}: tensor {name!r} is truncated")
-        return out.view(info.dtype).reshape(info.shape)
+        try:
+            return read_tensor(f, info, name)
+        except SafetensorsFormatError as e:
+            raise CheckpointInputError(str(e)) from e
 
     def close(self) -> None:
         """Closes the open files and drops a loaded torch state dict."""

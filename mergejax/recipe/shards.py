@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mergejax.recipe.hf_io import SAFETENSORS_INDEX, st_code
+from mergejax.io.safetensors_io import st_code
+from mergejax.recipe.hf_io import SAFETENSORS_INDEX
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -92,17 +93,23 @@ class ShardedWriter:
         self._file = None
         self._shard = -1
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        """Appends the next tensor (its bytes, C order)."""
+    def write(self, name: str, array: np.ndarray | Sequence[np.ndarray]) -> None:
+        """Appends the next tensor (its bytes, C order), given whole or as a list of row blocks
+        (consecutive slices of axis 0, e.g. merged block by block) that concatenate to it."""
         if self._next >= len(self.order):
             raise ValueError(f"tensor {name!r} written after the last planned tensor")
         i, (want, shape, dtype) = self.order[self._next]
-        if name != want or tuple(array.shape) != tuple(shape) or array.dtype != dtype:
+        parts = [array] if isinstance(array, np.ndarray) else list(array)
+        rows = sum(p.shape[0] if p.ndim else 1 for p in parts)
+        got_shape = tuple(parts[0].shape) if len(parts) == 1 else (rows, *parts[0].shape[1:])
+        if (name != want or got_shape != tuple(shape) or any(p.dtype != dtype for p in parts)
+                or any(p.shape[1:] != parts[0].shape[1:] for p in parts)):
             raise ValueError(f"expected tensor {want!r} {np.dtype(dtype).name}{list(shape)} "
-                             f"next, got {name!r} {array.dtype}{list(array.shape)}")
+                             f"next, got {name!r} {parts[0].dtype}{list(got_shape)}")
         if i != self._shard:
             self._open(i)
-        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        for p in parts:
+            self._file.write(np.ascontiguousarray(p).reshape(-1).view(np.uint8))
         self._next += 1
 
     def _open(self, i: int) -> None:

@@ -21,6 +21,7 @@ a killed merge leaves no partial output.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import zlib
@@ -28,18 +29,21 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jax
 import numpy as np
 import yaml
 
 from mergejax.io.atomic import atomic_dir
 from mergejax.io.check import NonFiniteError
+from mergejax.methods.task_vectors import all_finite
 from mergejax.recipe.checkpoint_io import RECIPE_NAME
 from mergejax.recipe.execute import (
     assign_tensors,
     compute_cast,
+    compute_dtype,
     global_densities,
     merge_group,
-    stored,
+    storage_dtype,
     untrimmed,
 )
 from mergejax.recipe.hf_io import CheckpointInputError, Source
@@ -84,15 +88,11 @@ def check_sources(named: Sequence[tuple[str, Source]]) -> None:
 
 
 def _is_float(dtype) -> bool:
-    import jax.numpy as jnp
-
-    return bool(jnp.issubdtype(dtype, jnp.floating))
+    return bool(jax.numpy.issubdtype(dtype, jax.numpy.floating))
 
 
 def tensor_key(root, name: str):
     """DARE's key of one tensor: `fold_in(root, crc32(name))`, independent of reading order."""
-    import jax
-
     return jax.random.fold_in(root, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
@@ -147,10 +147,12 @@ def _thresholds(recipe: Recipe, groups: list[Group], names: list[str], reader: _
     def tensors():
         sweep[0] += 1
         for _, arrays in reader.sweep(names, f"{desc} threshold {sweep[0]}/2", progress):
-            base = compute_cast(recipe, arrays[recipe.base.path])
-            members = [compute_cast(recipe, arrays[m.path]) for m in recipe.members]
-            for s in row_blocks(base.shape, base.dtype.itemsize):  # histograms add up
-                yield base[s], [m[s] for m in members]
+            base = arrays[recipe.base.path]
+            members = [arrays[m.path] for m in recipe.members]
+            size = compute_dtype(recipe, base.dtype).itemsize
+            for s in row_blocks(base.shape, size):  # histograms add up
+                yield (_on_device(recipe, base[s]),
+                       [_on_device(recipe, m[s]) for m in members])
 
     total = sum(int(np.prod(reader.sources[recipe.base.path].info(n).shape)) for n in names)
     return global_thresholds(tensors, dens, total)
@@ -173,39 +175,73 @@ def row_blocks(shape: tuple[int, ...], itemsize: int) -> list[slice]:
     return [slice(i, min(i + per, shape[0])) for i in range(0, shape[0], per)]
 
 
+def _on_device(recipe: Recipe, array: np.ndarray):
+    """`array` on the default device, cast there to the compute dtype. `Source.read` returns
+    64-byte aligned buffers, which the CPU device aliases (no copy); the method's finiteness
+    check and its merge kernel then read that one buffer."""
+    return compute_cast(recipe, jax.device_put(array))
+
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@functools.partial(jax.jit, static_argnames=("compute", "out"))
+def _storage_bits(value, *, compute, out):
+    """(the merged block cast to the compute then the storage dtype, as unsigned ints of the
+    same width; True iff all of it is finite). One fused pass; the bit view lets the host take
+    the buffer without a copy (`np.from_dlpack` has no bfloat16)."""
+    if compute is not None:
+        value = value.astype(compute)
+    value = value.astype(out)
+    return (jax.lax.bitcast_convert_type(value, _UINT[np.dtype(out).itemsize]),
+            all_finite(value))
+
+
+def _stored_block(recipe: Recipe, name: str, merged, ref_dtype) -> np.ndarray:
+    """The merged block as stored, on the host (a view of the device buffer); NonFiniteError
+    (after the storage cast: an out_dtype that overflows is caught too)."""
+    out = storage_dtype(recipe, ref_dtype)
+    compute = None if recipe.dtype is None else compute_dtype(recipe, out)
+    bits, ok = _storage_bits(merged, compute=compute, out=out)
+    if not bool(ok):
+        raise NonFiniteError(f"merged tensor {name!r} has NaN/inf values; nothing was "
+                             "written (check the inputs, and an out_dtype that overflows)")
+    return np.from_dlpack(bits).view(out)
+
+
 def _merge_one(recipe: Recipe, g: Group, thr, key, name: str,
-               arrays: dict[Path, np.ndarray], ref_dtype) -> np.ndarray:
-    """The merged tensor `name` as stored. `thr`: whole-model thresholds or None."""
+               arrays: dict[Path, np.ndarray], ref_dtype) -> list[np.ndarray]:
+    """The merged tensor `name` as stored, as a list of row blocks (axis 0) that concatenate
+    to it. `thr`: whole-model thresholds or None."""
     from mergejax.recipe.thresholds import global_thresholds, trim_to_base
 
-    base = (compute_cast(recipe, arrays[recipe.base.path]) if recipe.method.kind == "gta"
-            else None)
-    members = [compute_cast(recipe, arrays[m.path]) for m in recipe.members]
-    blocks = row_blocks(members[0].shape, max(a.dtype.itemsize for a in members))
+    raw_base = arrays[recipe.base.path] if recipe.method.kind == "gta" else None
+    raw = [arrays[m.path] for m in recipe.members]
+    itemsize = max(compute_dtype(recipe, a.dtype).itemsize for a in raw)
+    blocks = row_blocks(raw[0].shape, itemsize)
     if len(blocks) > 1 and recipe.method.name not in BLOCKWISE:
         blocks = [slice(None)]
+
+    def block(s):
+        return (None if raw_base is None else _on_device(recipe, raw_base[s]),
+                [_on_device(recipe, m[s]) for m in raw])
+
     if thr is None and len(blocks) > 1 and recipe.method.name == "ties":
         dens = [float(mp["density"]) for mp in g.model_params]
         if min(dens) < 1:  # this tensor's own top-k threshold, streamed over its blocks
-            thr = global_thresholds(lambda: ((base[s], [m[s] for m in members])
-                                             for s in blocks), dens, base.size)
+            thr = global_thresholds(lambda: (block(s) for s in blocks), dens,
+                                    int(np.prod(raw[0].shape)))
     if thr is not None:
         g = untrimmed(g)
-    out = None
+    parts = []
     for s in blocks:
-        b = None if base is None else base[s]
-        ms = [m[s] for m in members]
+        b, ms = block(s)
         if thr is not None:
             ms = [trim_to_base(b, m, thr[t]) for t, m in enumerate(ms)]
         merged = merge_group(recipe.method, None if b is None else {name: b},
                              [{name: m} for m in ms], g, key)[name]
-        value = stored(merged, recipe, ref_dtype)
-        if len(blocks) == 1:
-            return value
-        if out is None:
-            out = np.empty(members[0].shape, value.dtype)
-        out[s] = value
-    return out
+        parts.append(_stored_block(recipe, name, merged, ref_dtype))
+    return parts
 
 
 def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
@@ -218,8 +254,6 @@ def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
     CheckpointInputError (missing shard, models that differ: naming file and tensor),
     RecipeError (a plan that cannot run) or NonFiniteError (a merged tensor with NaN/inf).
     """
-    import jax
-
     entries = _entries(recipes)
     sources: dict[Path, Source] = {}
     reader = None
@@ -250,8 +284,7 @@ def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
         items = []
         for n in names:
             info = ref.info(n)
-            out_dt = info.dtype if n not in job else stored(
-                np.zeros((), info.dtype), job[n][0], info.dtype).dtype
+            out_dt = info.dtype if n not in job else storage_dtype(job[n][0], info.dtype)
             items.append((n, info.shape, out_dt))
         raws = [dict(r.raw) for r in recipes]
         raw_json = json.dumps(raws[0] if len(raws) == 1 else raws, sort_keys=True, default=str)
@@ -266,13 +299,11 @@ def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
                         try:
                             value = _merge_one(recipe, g, thr, tensor_key(key, n), n, arrays,
                                                ref.info(n).dtype)
+                        except NonFiniteError:
+                            raise
                         except ValueError as e:  # the methods' checks, e.g. non-finite inputs
                             files = ", ".join(str(s.info(n).file) for s in sources.values())
                             raise CheckpointInputError(f"tensor {n!r} ({files}): {e}") from e
-                        if not np.isfinite(value).all():
-                            raise NonFiniteError(
-                                f"merged tensor {n!r} has NaN/inf values; nothing was written "
-                                "(check the inputs, and an out_dtype that overflows)")
                     else:
                         value = arrays[ref.path]
                     if pending is not None:

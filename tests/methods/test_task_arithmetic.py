@@ -132,3 +132,20 @@ def test_registered_defaults_run_through_the_registry_without_touching_inputs(na
         np.testing.assert_array_equal(x, y)
     for grid in method.search.values():
         assert len(grid) >= 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("bad", [np.nan, -np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_bad_entry_anywhere(dtype, bad):
+    """The max-|x| check agrees with numpy's isfinite for NaN of either sign and +-inf, at the
+    first, a middle and the last position, and passes empty and finite arrays (incl. the
+    largest finite value)."""
+    dt = jnp.dtype(dtype)
+    x = np.linspace(-3, 3, 1001).astype(dt)
+    x[7] = jnp.finfo(dt).max
+    assert bool(tv.all_finite(x)) and bool(tv.all_finite(np.zeros((0, 4), dt)))
+    for pos in (0, 500, 1000):
+        y = x.copy()
+        y[pos] = bad
+        assert not np.isfinite(y.astype(np.float32)).all()
+        assert not bool(tv.all_finite(y)), (pos, y[pos])
