@@ -7,7 +7,7 @@ processes and are the identity in a single process, so callers need no special c
 
 - `process_sum`: int64 counts (e.g. histograms) summed over processes, exact beyond 2^31;
 - `all_processes`: every process's boolean flag (a barrier that also says who failed);
-- `from_process_0`: process 0's integer on every process.
+- `from_process_0`: process 0's (non-negative) integer on every process.
 """
 
 from __future__ import annotations
@@ -73,9 +73,14 @@ def all_processes(flag: bool) -> np.ndarray:
 
 
 def from_process_0(value: int) -> int:
-    """Process 0's `value` (an int32-range integer) on every process."""
+    """Process 0's `value` (an integer in [0, 2^62)) on every process; the others pass any
+    value in range (e.g. 0) and wait for process 0's."""
+    if not 0 <= int(value) < 1 << 2 * _HALF:
+        raise ValueError(f"from_process_0: {value} is outside [0, 2^62)")
     if jax.process_count() == 1:
         return int(value)
     from jax.experimental import multihost_utils
 
-    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+    halves = np.array([int(value) >> _HALF, int(value) & _LOW], np.int32)
+    hi, lo = np.asarray(multihost_utils.broadcast_one_to_all(halves)).tolist()
+    return (int(hi) << _HALF) + int(lo)

@@ -397,8 +397,8 @@ def _env(devices: int) -> dict:
 
 
 def test_cli_on_one_and_eight_devices_and_in_process_write_identical_bytes(llama, tmp_path):
-    """The recipe CLI is single-process (one host reads and writes every tensor); two CLI
-    processes run concurrently on 1 and 8 devices and the in-process run (8 fake devices) give
+    """The device count does not change the bytes: two CLI processes (1 and 8 devices, not
+    one distributed job) running concurrently and the in-process run (8 fake devices) give
     byte-identical shards."""
     assert len(jax.devices()) == 8
     recipe = tmp_path / "r.yml"
@@ -458,3 +458,75 @@ def test_killed_merge_leaves_no_partial_output(llama, tmp_path):
     assert [f.name for f in left] == [tmp.name] and tmp.name.startswith(".out.tmp-")
     assert remove_stale_temporaries(out.parent, older_than_s=0) == left  # cleaned next run
     assert list(out.parent.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes share one out-of-core merge
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(recipe: Path, out: Path) -> list[subprocess.CompletedProcess]:
+    """The recipe CLI as processes 0 and 1 of one jax.distributed job (one CPU device each)."""
+    port = _free_port()
+    env = {k: v for k, v in _env(1).items() if k != "MERGEJAX_DATA_DEVICES"}
+    procs = [subprocess.Popen([sys.executable, "-m", "mergejax.recipe", str(recipe), str(out),
+                               "--max-shard-size", "5KB", "--distributed",
+                               f"--coordinator=localhost:{port}", "--num-processes=2",
+                               f"--process-id={i}"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    done = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return done
+
+
+def test_two_processes_split_the_shards_and_write_the_single_process_bytes(llama, tmp_path):
+    """Two processes each merge every other output shard (global TIES: histograms summed over
+    the processes); the folder equals the single-process one byte for byte, and only process 0
+    reports."""
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(_recipe(llama, "ties_global")))
+    R.main([str(recipe), str(tmp_path / "single"), "--max-shard-size", "5KB"])
+    files = sorted(f.name for f in (tmp_path / "single").iterdir())
+    assert len([f for f in files if f.endswith(".safetensors")]) >= 3  # both processes work
+    p0, p1 = _two_processes(recipe, tmp_path / "two")
+    assert p0.returncode == 0 and p1.returncode == 0, (p0.stderr[-2000:], p1.stderr[-2000:])
+    assert "ties: merged 3 models" in p0.stdout and "merged" not in p1.stdout  # gloo talks
+    assert sorted(f.name for f in (tmp_path / "two").iterdir()) == files
+    for f in files:
+        assert (tmp_path / "two" / f).read_bytes() == (tmp_path / "single" / f).read_bytes(), f
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".two")]
+
+
+def test_a_failure_on_one_process_fails_both_and_writes_nothing(llama, tmp_path):
+    """A NaN in a tensor of an output shard that process 1 writes: process 1 names it, process
+    0 reports that process 1 failed, and neither the output nor a temporary folder remains."""
+    R.run(R.parse(_recipe(llama, "task_arithmetic")), tmp_path / "single",
+          max_shard_size="5KB")
+    index = json.loads((tmp_path / "single" / "model.safetensors.index.json").read_text())
+    shard_2 = sorted(set(index["weight_map"].values()))[1]  # index 1: process 1's
+    name = next(n for n, f in sorted(index["weight_map"].items())
+                if f == shard_2 and n.endswith("weight"))
+    sd = dict(llama["sd:ft1"])
+    sd[name] = sd[name].copy()
+    sd[name].reshape(-1)[0] = np.nan
+    _save_single(sd, tmp_path / "nan.safetensors")
+    raw = _recipe(llama, "task_arithmetic")
+    raw["models"][1]["model"] = str(tmp_path / "nan.safetensors")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(raw))
+    p0, p1 = _two_processes(recipe, tmp_path / "two")
+    assert p1.returncode == 1 and repr(name) in p1.stderr and "non-finite" in p1.stderr
+    assert p0.returncode == 1 and "process(es) [1] of the merge failed" in p0.stderr
+    assert not (tmp_path / "two").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".two")]

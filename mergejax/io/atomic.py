@@ -29,6 +29,21 @@ def temp_sibling(path: str | os.PathLike, tag: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
 
 
+def temp_tag(tmp: str | os.PathLike) -> int:
+    """The random part of a `temp_sibling` name as an integer (to tell other processes which
+    temporary folder to write into: `with_temp_tag` rebuilds the name)."""
+    m = _TEMP_NAME.match(Path(tmp).name)
+    if m is None:
+        raise ValueError(f"{tmp} is not a temporary name of mergejax.io.atomic")
+    return int(Path(tmp).name.rsplit("-", 1)[1], 16)
+
+
+def with_temp_tag(path: str | os.PathLike, tag: int, kind: str = "tmp") -> Path:
+    """The `temp_sibling` name of `path` whose random part is `tag` (from `temp_tag`)."""
+    path = Path(os.path.abspath(path))
+    return path.with_name(f".{path.name}.{kind}-{tag:08x}")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary file path beside `path`; on a clean exit it replaces `path`.

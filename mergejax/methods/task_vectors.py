@@ -323,7 +323,8 @@ Blocks = Callable[[], Iterable[tuple[Any, Sequence[Any]]]]
 
 
 def streamed_thresholds(blocks: Blocks, ranks: Sequence[int], *, prep: Prep = None,
-                        aux=None) -> np.ndarray:
+                        aux=None, reduce: Callable[[np.ndarray], np.ndarray] | None = None
+                        ) -> np.ndarray:
     """(T,) int32 bit patterns: model t keeps `abs_bits(tau_t) >= thr[t]` over all blocks.
 
     The exact radix select of `mergejax.kernels.topk` over everything `blocks()` yields: one
@@ -338,16 +339,25 @@ def streamed_thresholds(blocks: Blocks, ranks: Sequence[int], *, prep: Prep = No
       ranks: (T,) 1-based rank (ascending |tau|, `topk.topk_kth`) of each model's threshold
         among all its entries; 0 keeps everything (threshold 0).
       prep, aux: as `merge_leaves` (the task-vector leaves a merge actually uses).
+      reduce: applied to each pass's (T, bins) int64 histogram before it is read, e.g. a sum
+        over processes that each stream a part of the model (`kernels.processes.process_sum`;
+        ranks are then global). `blocks()` may then yield nothing on some process.
     """
     rank = np.asarray(ranks, np.int64)
     if not rank.any():
         return np.zeros(len(rank), np.int32)
-    hist = _host_sum(_hist_hi(b, tuple(ms), aux, i, prep=prep)
-                     for i, (b, ms) in enumerate(blocks()))
+
+    def summed(parts, bins: int) -> np.ndarray:
+        hist = _host_sum(parts)
+        hist = np.zeros((len(rank), bins), np.int64) if hist is None else hist
+        return hist if reduce is None else reduce(hist)
+
+    hist = summed((_hist_hi(b, tuple(ms), aux, i, prep=prep)
+                   for i, (b, ms) in enumerate(blocks())), topk.HI_BINS)
     h, inside = topk.first_reaching(hist, np.maximum(rank, 1))
     hj = jnp.asarray(h, jnp.int32)
-    hist = _host_sum(_hist_lo(b, tuple(ms), aux, i, hj, prep=prep)
-                     for i, (b, ms) in enumerate(blocks()))
+    hist = summed((_hist_lo(b, tuple(ms), aux, i, hj, prep=prep)
+                   for i, (b, ms) in enumerate(blocks())), topk.LO_BINS)
     lo, _ = topk.first_reaching(hist, inside)
     return np.where(rank > 0, topk.join_bits(h, lo), 0).astype(np.int32)
 

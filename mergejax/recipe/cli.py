@@ -10,8 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import jax
+
 from mergejax.io.atomic import remove_stale_temporaries
 from mergejax.io.cli_errors import ArgumentParser, UsageError, run_cli
+from mergejax.kernels import processes
 from mergejax.recipe import checkpoint_io
 from mergejax.recipe.checkpoint_io import ORBAX_NAME, RECIPE_NAME, SAFETENSORS_NAME
 from mergejax.recipe.execute import assign_tensors
@@ -76,6 +79,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="read inputs with NaN/inf values (a non-finite result is still never "
                         "written)")
+    p.add_argument("--distributed", action="store_true",
+                   help="one of several processes sharing the merge of PyTorch/HF checkpoints "
+                        "(jax.distributed; every process runs the same command, each merges "
+                        "and writes every N-th output shard): see --coordinator")
+    p.add_argument("--coordinator", help="with --distributed: host:port of process 0 (env "
+                                         "MERGEJAX_COORDINATOR; default: detected by JAX on "
+                                         "Slurm / Cloud TPU)")
+    p.add_argument("--num-processes", type=int,
+                   help="with --distributed: number of processes (env MERGEJAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int,
+                   help="with --distributed: this process's index (env MERGEJAX_PROCESS_ID)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, load and print the per-tensor plan; write nothing")
@@ -103,7 +117,12 @@ def _main(argv: list[str]) -> int:
     args.out_dir = args.out_dir or args.out
     if not args.dry_run and not args.out_dir:
         raise UsageError("--out-dir is required (or pass --dry-run)")
-    if args.out_dir:
+    if args.distributed:
+        processes.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.coordinator or args.num_processes is not None or args.process_id is not None:
+        raise UsageError("--coordinator, --num-processes and --process-id need --distributed")
+    writer = jax.process_index() == 0
+    if args.out_dir and writer:
         remove_stale_temporaries(Path(args.out_dir).absolute().parent)
     recipes = load_recipes(args.recipe)
     if args.dry_run:
@@ -116,10 +135,12 @@ def _main(argv: list[str]) -> int:
                                                                      g.model_params) if mp)
                 print(f"group {i}: {g.params} {models}\n  " + "\n  ".join(g.names))
         return 0
-    print(run(recipes, args.out_dir, seed=args.random_seed, overwrite=args.overwrite,
-              source=Path(args.recipe).read_text(), allow_nonfinite=args.allow_nonfinite,
-              max_shard_size=args.max_shard_size,
-              progress=sys.stderr.isatty() if args.progress is None else args.progress))
+    summary = run(recipes, args.out_dir, seed=args.random_seed, overwrite=args.overwrite,
+                  source=Path(args.recipe).read_text(), allow_nonfinite=args.allow_nonfinite,
+                  max_shard_size=args.max_shard_size,
+                  progress=sys.stderr.isatty() if args.progress is None else args.progress)
+    if writer:
+        print(summary)
     return 0
 
 

@@ -93,6 +93,11 @@ def run(recipe: Recipe | Sequence[Recipe], out_dir: str | os.PathLike, *, seed: 
     if input_kinds(recipes) == "hf":
         return merge_hf(recipes, out, seed=seed, max_shard_bytes=parse_size(max_shard_size),
                         progress=progress, source=source)
+    import jax
+
+    if jax.process_count() > 1:
+        raise RecipeError("several processes split out-of-core merges of PyTorch/Hugging Face "
+                          "checkpoints; mergejax checkpoints merge in memory: run one process")
     flat, info = merge(recipes, seed=seed, allow_nonfinite=allow_nonfinite)
     check_output_finite(flat)
     raws = [dict(r.raw) for r in recipes]

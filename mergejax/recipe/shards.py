@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,15 +80,25 @@ class ShardedWriter:
     `write(name, array)` must be called once per tensor in the order of `items`, with the
     planned shape and dtype (ValueError otherwise); `finish()` writes the index and returns
     the files written. Metadata is stored in every shard (strings) and in the index.
+
+    `only`: which shard indices this writer writes (a predicate; default all), for several
+    processes sharing one output folder: the shard plan depends on `items` and the size limit
+    alone, so every process plans the same shards and writes its own; `finish(index=False)`
+    on all but one of them.
     """
 
     def __init__(self, folder: str | os.PathLike, items: Sequence[Item], max_shard_bytes: int,
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None,
+                 only: Callable[[int], bool] | None = None):
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
         self.shards = plan_shards(items, max_shard_bytes)
-        self.order = [(i, it) for i, shard in enumerate(self.shards) for it in shard]
-        self.weight_map = {it[0]: shard_name(i, len(self.shards)) for i, it in self.order}
+        n = len(self.shards)
+        mine = {i for i in range(n) if only is None or only(i)}
+        self.order = [(i, it) for i, shard in enumerate(self.shards) if i in mine for it in shard]
+        self.weight_map = {it[0]: shard_name(i, n) for i, shard in enumerate(self.shards)
+                           for it in shard}
+        self.written = sorted(mine)
         self._next = 0
         self._file = None
         self._shard = -1
@@ -119,21 +129,24 @@ class ShardedWriter:
         self._file = open(self.folder / shard_name(i, len(self.shards)), "wb")  # noqa: SIM115
         self._file.write(_header(self.shards[i], self.metadata))
 
-    def finish(self) -> list[Path]:
-        """Closes the last shard and writes the index; returns every file written."""
+    def finish(self, index: bool = True) -> list[Path]:
+        """Closes the last shard and (if `index`) writes the index; returns the files written
+        (this writer's shards, then the index)."""
         if self._next != len(self.order):
             raise ValueError(f"{len(self.order) - self._next} planned tensor(s) not written "
                              f"(next: {self.order[self._next][1][0]!r})")
         if self._file is not None:
             self._file.close()
             self._file = None
-        total = sum(_nbytes(s, d) for _, (_, s, d) in self.order)
-        index = {"metadata": {"total_size": total, **self.metadata},
-                 "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         n = len(self.shards)
-        return [self.folder / shard_name(i, n) for i in range(n)] + [
-            self.folder / SAFETENSORS_INDEX]
+        files = [self.folder / shard_name(i, n) for i in self.written]
+        if index:
+            total = sum(_nbytes(s, d) for shard in self.shards for _, s, d in shard)
+            out = {"metadata": {"total_size": total, **self.metadata},
+                   "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(out, indent=2) + "\n")
+            files.append(self.folder / SAFETENSORS_INDEX)
+        return files
 
     def close(self) -> None:
         """Closes an open shard (after a failure)."""

@@ -33,8 +33,9 @@ import jax
 import numpy as np
 import yaml
 
-from mergejax.io.atomic import atomic_dir
+from mergejax.io.atomic import atomic_dir, temp_tag, with_temp_tag
 from mergejax.io.check import NonFiniteError
+from mergejax.kernels import processes
 from mergejax.methods.task_vectors import all_finite
 from mergejax.recipe.checkpoint_io import RECIPE_NAME
 from mergejax.recipe.execute import (
@@ -135,8 +136,11 @@ class _Reader:
 
 
 def _thresholds(recipe: Recipe, groups: list[Group], names: list[str], reader: _Reader,
-                progress: bool, desc: str):
-    """Whole-model thresholds of a `scope: global` document (None for per-tensor trims)."""
+                progress: bool, desc: str, mine: set[str]):
+    """Whole-model thresholds of a `scope: global` document (None for per-tensor trims).
+
+    `names`: the document's tensors; this process streams those in `mine` and the histograms
+    are summed over processes (every process computes the same thresholds)."""
     dens = global_densities(recipe, groups)
     if dens is None:
         return None
@@ -146,7 +150,8 @@ def _thresholds(recipe: Recipe, groups: list[Group], names: list[str], reader: _
 
     def tensors():
         sweep[0] += 1
-        for _, arrays in reader.sweep(names, f"{desc} threshold {sweep[0]}/2", progress):
+        for _, arrays in reader.sweep([n for n in names if n in mine],
+                                      f"{desc} threshold {sweep[0]}/2", progress):
             base = arrays[recipe.base.path]
             members = [arrays[m.path] for m in recipe.members]
             size = compute_dtype(recipe, base.dtype).itemsize
@@ -155,7 +160,7 @@ def _thresholds(recipe: Recipe, groups: list[Group], names: list[str], reader: _
                        [_on_device(recipe, m[s]) for m in members])
 
     total = sum(int(np.prod(reader.sources[recipe.base.path].info(n).shape)) for n in names)
-    return global_thresholds(tensors, dens, total)
+    return global_thresholds(tensors, dens, total, reduce=processes.process_sum)
 
 
 # Tensors above this many bytes are merged in row blocks when the method allows it, so that
@@ -253,7 +258,15 @@ def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
     input's), the reference model's non-tensor files and `recipe.yml`. Raises
     CheckpointInputError (missing shard, models that differ: naming file and tensor),
     RecipeError (a plan that cannot run) or NonFiniteError (a merged tensor with NaN/inf).
+
+    Several processes (`jax.distributed`, a folder they all see): every process plans the same
+    output shards and merges and writes shard i if i % process_count == its index (whole-model
+    thresholds: histograms summed over processes); process 0 writes the index and the other
+    files once every process has finished, and every process raises if any failed. The bytes
+    written do not depend on the number of processes.
     """
+    proc, nproc = jax.process_index(), jax.process_count()
+    progress = progress and proc == 0
     entries = _entries(recipes)
     sources: dict[Path, Source] = {}
     reader = None
@@ -266,21 +279,18 @@ def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
         floats = [n for n in names if _is_float(ref.info(n).dtype)]
         reader = _Reader(sources)
         root = jax.random.key(seed)
-        job: dict[str, tuple] = {}
-        all_groups = 0
+        job: dict[str, list] = {}
+        docs = []
         for j, (recipe, block) in enumerate(zip(recipes, assign_tensors(recipes, floats))):
             if not block:
                 continue
             key = root if len(recipes) == 1 else jax.random.fold_in(root, j)
             groups = plan(recipe, block)
-            all_groups += len(groups)
             in_block = set(block)
-            order = [n for n in names if n in in_block]
-            thr = _thresholds(recipe, groups, order, reader, progress,
-                              f"doc {j}" if len(recipes) > 1 else recipe.method.name)
+            docs.append((j, recipe, groups, [n for n in names if n in in_block]))
             for g in groups:
                 for n in g.names:
-                    job[n] = (recipe, g, thr, key)
+                    job[n] = [recipe, g, None, key]
         items = []
         for n in names:
             info = ref.info(n)
@@ -289,37 +299,36 @@ def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
         raws = [dict(r.raw) for r in recipes]
         raw_json = json.dumps(raws[0] if len(raws) == 1 else raws, sort_keys=True, default=str)
         writer = ShardedWriter(tmp, items, max_shard_bytes,
-                               {"mergejax_recipe": raw_json, "seed": str(seed)})
-        with ThreadPoolExecutor(1, thread_name_prefix="mergejax-write") as wpool:
-            pending = None
-            try:
-                for n, arrays in reader.sweep(names, "merge", progress):
-                    if n in job:
-                        recipe, g, thr, key = job[n]
-                        try:
-                            value = _merge_one(recipe, g, thr, tensor_key(key, n), n, arrays,
-                                               ref.info(n).dtype)
-                        except NonFiniteError:
-                            raise
-                        except ValueError as e:  # the methods' checks, e.g. non-finite inputs
-                            files = ", ".join(str(s.info(n).file) for s in sources.values())
-                            raise CheckpointInputError(f"tensor {n!r} ({files}): {e}") from e
-                    else:
-                        value = arrays[ref.path]
-                    if pending is not None:
-                        pending.result()
-                    pending = wpool.submit(writer.write, n, value)
-                if pending is not None:
-                    pending.result()
-                writer.finish()
-            finally:
-                writer.close()
-        for f in ref.side_files:
-            shutil.copy2(f, tmp / f.name)
-        (tmp / RECIPE_NAME).write_text(source or yaml.safe_dump_all(raws, sort_keys=False))
+                               {"mergejax_recipe": raw_json, "seed": str(seed)},
+                               only=lambda i: i % nproc == proc)
+        mine = {it[0] for _, it in writer.order}
+        for j, recipe, groups, order in docs:
+            thr = _thresholds(recipe, groups, order, reader, progress,
+                              f"doc {j}" if len(recipes) > 1 else recipe.method.name, mine)
+            for n in order:
+                job[n][2] = thr
+        error = None
+        try:
+            _merge_sweep([n for n in names if n in mine], job, reader, writer, sources, ref,
+                         progress)
+            writer.finish(index=proc == 0)
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the other processes)
+            error = e
+        finally:
+            writer.close()
+        ok = processes.all_processes(error is None)  # every process waits for the others
+        if error is not None:
+            raise error
+        if not ok.all():
+            raise RuntimeError(f"process(es) {np.flatnonzero(~ok).tolist()} of the merge failed "
+                               "(see their errors); nothing was written")
+        if proc == 0:
+            for f in ref.side_files:
+                shutil.copy2(f, tmp / f.name)
+            (tmp / RECIPE_NAME).write_text(source or yaml.safe_dump_all(raws, sort_keys=False))
         return {"tensors": len(names), "values": sum(int(np.prod(s)) for _, s, _ in items),
                 "dtypes": sorted({np.dtype(d).name for _, _, d in items}),
-                "groups": all_groups, "shards": len(writer.shards)}
+                "groups": sum(len(d[2]) for d in docs), "shards": len(writer.shards)}
     finally:
         if reader is not None:
             reader.close()
@@ -327,13 +336,65 @@ def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
             s.close()
 
 
+def _merge_sweep(names: list[str], job: dict, reader: _Reader, writer: ShardedWriter,
+                 sources: dict[Path, Source], ref: Source, progress: bool) -> None:
+    """Merges (or copies, outside the recipe) every tensor of `names` in order and hands it to
+    `writer` on a background thread (one write in flight)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="mergejax-write") as wpool:
+        pending = None
+        for n, arrays in reader.sweep(names, "merge", progress):
+            if n in job:
+                recipe, g, thr, key = job[n]
+                try:
+                    value = _merge_one(recipe, g, thr, tensor_key(key, n), n, arrays,
+                                       ref.info(n).dtype)
+                except NonFiniteError:
+                    raise
+                except ValueError as e:  # the methods' checks, e.g. non-finite inputs
+                    files = ", ".join(str(s.info(n).file) for s in sources.values())
+                    raise CheckpointInputError(f"tensor {n!r} ({files}): {e}") from e
+            else:
+                value = arrays[ref.path]
+            if pending is not None:
+                pending.result()
+            pending = wpool.submit(writer.write, n, value)
+        if pending is not None:
+            pending.result()
+
+
 def merge_hf(recipes: Sequence[Recipe], out: Path, *, seed: int = 0,
              max_shard_bytes: int, progress: bool = True, source: str | None = None) -> str:
     """`run_streaming` into a temporary sibling of `out`, renamed into place when complete;
-    returns a one-line summary."""
-    with atomic_dir(out) as tmp:
-        stats = run_streaming(recipes, tmp, seed=seed, max_shard_bytes=max_shard_bytes,
-                              progress=progress, source=source)
+    returns a one-line summary. With several processes, process 0 creates the temporary folder
+    and tells the others its name, and renames it once all have written their shards; every
+    process returns after the rename."""
+    if jax.process_count() == 1:
+        with atomic_dir(out) as tmp:
+            stats = run_streaming(recipes, tmp, seed=seed, max_shard_bytes=max_shard_bytes,
+                                  progress=progress, source=source)
+    elif jax.process_index() == 0:
+        renamed = False
+        try:
+            with atomic_dir(out) as tmp:
+                processes.from_process_0(temp_tag(tmp))
+                stats = run_streaming(recipes, tmp, seed=seed, max_shard_bytes=max_shard_bytes,
+                                      progress=progress, source=source)
+            renamed = True
+        finally:
+            processes.all_processes(renamed)  # the others return once `out` is in place
+    else:
+        tmp = with_temp_tag(out, processes.from_process_0(0))
+        error = None
+        try:
+            stats = run_streaming(recipes, tmp, seed=seed, max_shard_bytes=max_shard_bytes,
+                                  progress=progress, source=source)
+        except Exception as e:  # noqa: BLE001 (re-raised after process 0's last word)
+            error = e
+        renamed = processes.all_processes(True)[0]  # process 0 calls it in every case
+        if error is not None:
+            raise error
+        if not renamed:
+            raise RuntimeError(f"process 0 could not move the merge into {out}")
     methods = "+".join(r.method.name for r in recipes)
     k = len(recipes[0].members)
     return (f"{methods}: merged {k} model{'s' * (k != 1)} into {out} ({stats['tensors']} "

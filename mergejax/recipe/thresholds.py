@@ -19,7 +19,8 @@ from mergejax.kernels import topk
 from mergejax.methods.task_vectors import Blocks, streamed_thresholds, tau
 
 
-def global_thresholds(tensors: Blocks, densities: Sequence[float], total: int) -> np.ndarray:
+def global_thresholds(tensors: Blocks, densities: Sequence[float], total: int, *,
+                      reduce=None) -> np.ndarray:
     """(T,) int32 bit patterns: model t keeps `abs_bits(tau_t) >= thr[t]` over all tensors.
 
     Args:
@@ -28,10 +29,13 @@ def global_thresholds(tensors: Blocks, densities: Sequence[float], total: int) -
         `mergejax.methods.task_vectors.tau`).
       densities: (T,) keep fraction per model in (0, 1]; 1 keeps all (threshold 0).
       total: number of entries of one model's task vector (all tensors).
+      reduce: combines the histograms of processes that each stream a part of the tensors
+        (`mergejax.kernels.processes.process_sum`); `total` stays the whole model's.
     Semantics of `mergejax.kernels.topk.topk_kth`: the (n - int(n d))-th smallest |tau| is the
     threshold and ties at it are kept, as `ties(scope="global")`.
     """
-    return streamed_thresholds(tensors, [topk.topk_kth(total, d) for d in densities])
+    return streamed_thresholds(tensors, [topk.topk_kth(total, d) for d in densities],
+                               reduce=reduce)
 
 
 @jax.jit
