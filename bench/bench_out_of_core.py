@@ -11,7 +11,9 @@ processes, each measured by `os.wait4` (peak RSS of that child alone):
   `safetensors.numpy.save_file`, no merge (the machine's I/O limit in this run);
 - mergejax linear / ties (per-tensor trim) / ties scope: global (3 sweeps: two threshold
   sweeps, then the merge): `python -m mergejax.recipe R.yml OUT`;
-- mergekit ties (in its own venv, `mergekit-yaml`, if present): the in-memory alternative.
+- mergekit ties (in its own venv, `mergekit-yaml`, if present): the in-memory alternative;
+- `<run>@<N>p` (e.g. `linear@2p`): the same recipe split over N local processes
+  (`--distributed`, each merging every N-th output shard); peak RSS is the largest process's.
 
 Throughput = (input bytes read once + output bytes) / wall time; goals (issue 18): peak RSS
 below one model's size, one-sweep merges at >= 70% of the limit. Synthetic files are deleted
@@ -125,24 +127,34 @@ def _hwm_kb(pid: int) -> int:
         return 0
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB of the child process).
+def measure(cmds: list[list[str]], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds until the last command ends, peak RSS GiB of the largest child process):
+    the commands run concurrently (the processes of one distributed merge).
 
-    The peak is the child's VmHWM (/proc, polled every 50 ms; it only grows, so the last read
+    The peak is each child's VmHWM (/proc, polled every 50 ms; it only grows, so the last read
     is the peak up to the final 50 ms). Not `ru_maxrss` of wait4: Linux carries the parent's
     high-water mark into a forked child, so it would report the bench's own peak."""
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while p.poll() is None:
-        peak = max(peak, _hwm_kb(p.pid))
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    peak = [0] * len(procs)
+    while any(p.poll() is None for p in procs):
+        peak = [max(k, _hwm_kb(p.pid)) for k, p in zip(peak, procs)]
         time.sleep(0.05)
-    err = p.stderr.read()
     wall = time.perf_counter() - t
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {err[-2000:]}")
-    return wall, peak / 2**20
+    for cmd, p in zip(cmds, procs):
+        err = p.stderr.read()
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {err[-2000:]}")
+    return wall, max(peak) / 2**20
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -200,7 +212,7 @@ def main() -> None:
         rows = []
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         for run in args.runs.split(","):
-            out = work / f"out_{run}"
+            out, cmds = work / f"out_{run}", None
             if run == "limit":
                 cmd = [sys.executable, "-c", LIMIT, *(str(work / n) for n in names), str(out)]
             elif run.startswith("mergekit"):
@@ -215,12 +227,18 @@ def main() -> None:
                 cfg.write_text(json.dumps(mk))
                 cmd = [str(MERGEKIT), str(cfg), str(out), "--lazy-unpickle", "--quiet",
                        "--no-copy-tokenizer", "--no-write-model-card"]
-            else:
-                cfg = work / f"{run}.yml"
-                cfg.write_text(json.dumps(recipes[run]))
+            else:  # "<recipe>" in one process, "<recipe>@<N>p" on N local processes
+                name, _, procs = run.partition("@")
+                cfg = work / f"{name}.yml"
+                cfg.write_text(json.dumps(recipes[name]))
                 cmd = [sys.executable, "-m", "mergejax.recipe", str(cfg), str(out),
                        "--max-shard-size", f"{args.shard_gb}GB", "--no-progress"]
-            wall, rss = measure(cmd, env)
+                if procs:
+                    n, port = int(procs.rstrip("p")), _free_port()
+                    cmds = [cmd + ["--distributed", f"--coordinator=localhost:{port}",
+                                   f"--num-processes={n}", f"--process-id={i}"]
+                            for i in range(n)]
+            wall, rss = measure(cmds or [cmd], env)
             rows.append((run, wall, moved / wall / 1e9, rss))
             print(f"# {run}: {wall:.1f} s, {moved / wall / 1e9:.2f} GB/s, peak RSS {rss:.2f} GB",
                   flush=True)

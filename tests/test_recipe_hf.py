@@ -311,6 +311,52 @@ def test_bin_pt_and_single_safetensors_inputs_and_dare_reading_order(llama, tmp_
         _assert_close_bf16(_read_dir(tmp_path / method), _want(llama, method))
 
 
+def _save_sharded_bin(llama, name: str, folder: Path, shards: int = 3) -> dict:
+    """`folder` as transformers' sharded .bin layout: pytorch_model-0000i-of-0000N.bin state
+    dicts (torch.save) + pytorch_model.bin.index.json + the model's config.json; returns the
+    index's weight_map."""
+    import torch
+
+    folder.mkdir()
+    sd = llama[f"sd:{name}"]
+    names = sorted(sd)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {k: torch.from_numpy(sd[k].view(np.int16)).view(torch.bfloat16)
+                for k in names[i::shards]}
+        torch.save(part, folder / fname)
+        weight_map.update({k: fname for k in part})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(v.nbytes for v in sd.values())},
+         "weight_map": weight_map}))
+    shutil.copy2(Path(llama[name]) / "config.json", folder / "config.json")
+    return weight_map
+
+
+def test_sharded_bin_inputs_with_their_index(llama, tmp_path):
+    """transformers' sharded .bin layout (index + .bin shards, read with weights_only) merges
+    like the safetensors layout; a shard the index lists but that is missing is named."""
+    raw = _recipe(llama, "ties_global")
+    raw["base_model"] = str(tmp_path / "base")
+    _save_sharded_bin(llama, "base", tmp_path / "base")
+    weight_map = _save_sharded_bin(llama, "ft2", tmp_path / "ft2")
+    raw["models"][2]["model"] = str(tmp_path / "ft2")
+    R.run(R.parse(raw), tmp_path / "out", max_shard_size="5KB")
+    _assert_close_bf16(_read_dir(tmp_path / "out"), _want(llama, "ties_global"))
+    # the reference (base) is .bin: its config.json travels, the output is safetensors
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    gone = "pytorch_model-00002-of-00003.bin"
+    (tmp_path / "ft2" / gone).unlink()
+    first = next(k for k, f in weight_map.items() if f == gone)
+    with pytest.raises(CheckpointInputError) as e:
+        R.run(R.parse(raw), tmp_path / "out2")
+    assert gone in str(e.value) and "pytorch_model.bin.index.json" in str(e.value)
+    assert repr(first) in str(e.value)
+    assert not (tmp_path / "out2").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Bad inputs: a clear error naming file and tensor, nothing written
 # --------------------------------------------------------------------------------------------
