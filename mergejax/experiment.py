@@ -95,8 +95,14 @@ def run(config, workdir: str | os.PathLike, *, _scratch: bool = False) -> list[d
         try:
             KINDS.get(config.kind)(config, workdir, emit=emit)
         except BaseException as e:
+            error = f"{type(e).__name__}: {e}"
             _write_run(workdir, {**info, "status": "failed", "rows": len(rows),
-                                 "error": f"{type(e).__name__}: {e}", "finished": _now()})
+                                 "error": error, "finished": _now()})
+            if isinstance(e, Exception) and report.enabled(config):
+                try:  # what finished before the error stays readable; never hides the error
+                    report.write_report(workdir, rows, echo=False, failure=error)
+                except Exception as report_error:  # noqa: BLE001
+                    logging.warning("no report for the failed run: %s", report_error)
             raise
         if report.enabled(config):  # the kind wrote its sections; lay them out
             report.write_report(workdir, rows, echo=not _scratch)

@@ -151,3 +151,29 @@ def test_unknown_diagnostics_setting_is_named():
         config.diagnostics.curvez = True
     with pytest.raises(validation.ConfigError, match="config.diagnostics.curvez=True: unknown"):
         validation.validate(config)
+
+
+def test_a_failed_run_still_writes_a_report_of_what_finished(tmp_path, monkeypatch):
+    """The kind emits a row and a section, then raises: the error propagates, run.json says
+    failed, and report.md states the failure above the row and the section."""
+    from mergejax.config_lib import load_config_file
+
+    def failing_kind(config, workdir, *, emit):
+        emit({"method": "average", "joint_acc": 0.5, "task_avg_acc": 0.5,
+              "per_task_acc": {"task_a": 0.5, "task_b": 0.5}, "seconds": 0.1})
+        write_sections(workdir, [Section("tv", "Task vectors", {"c": 0.25})])
+        raise RuntimeError("disk full while merging ties")
+
+    class Kinds:
+        def get(self, name):
+            return failing_kind
+
+    monkeypatch.setattr(experiment, "KINDS", Kinds())
+    config = load_config_file(ROOT / "configs" / "digits_mlp.py", "quick")
+    with pytest.raises(RuntimeError, match="disk full"):
+        experiment.run(config, tmp_path)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
+    text = (tmp_path / "report.md").read_text()
+    assert "**The run failed:** `RuntimeError: disk full while merging ties`" in text
+    assert text.index("The run failed") < text.index("| average |") < text.index(
+        "## Task vectors")

@@ -166,15 +166,20 @@ def _title(stem: str) -> str:
     return stem.replace("_", " ")
 
 
-def report_text(workdir: str | os.PathLike, rows: Sequence[dict]) -> str:
+def report_text(workdir: str | os.PathLike, rows: Sequence[dict], *,
+                failure: str | None = None) -> str:
     """The markdown of report.md: the results table, every written section (title, text,
-    pictures as relative links `plots/<stem>.png`) and the other pictures in plots/."""
+    pictures as relative links `plots/<stem>.png`) and the other pictures in plots/.
+    `failure` (the error of a run that stopped) is stated first: what follows is partial."""
     workdir = Path(workdir)
     run = next((r["run"] for r in rows if r.get("run")), {})
     lines = ["# Run report", ""]
     if run:
         lines += [f"Run `{run.get('run_id', '?')}`, started {run.get('started', '?')}, "
                   f"mergejax {run.get('version', '?')}.", ""]
+    if failure:
+        lines += [f"**The run failed:** `{failure}`. The results and sections below are what "
+                  "it finished before the error (run.json has the status).", ""]
     lines += ["## Results", "", "Accuracies in %, seconds of each merge (results.json / "
               "results.csv).", "", results.table(rows) if rows else "(no rows)", ""]
     shown = set()
@@ -197,13 +202,13 @@ def report_text(workdir: str | os.PathLike, rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(workdir: str | os.PathLike, rows: Sequence[dict], *, echo: bool = True
-                 ) -> Path:
+def write_report(workdir: str | os.PathLike, rows: Sequence[dict], *, echo: bool = True,
+                 failure: str | None = None) -> Path:
     """Writes `WORKDIR/report.md` (`report_text`) atomically, prints (if `echo`) where the
     report, the numbers and the pictures are, and returns its path. Works when no section was
     written (the report is then the results table and any pictures in plots/)."""
     workdir = Path(workdir)
-    path = atomic_write_text(workdir / REPORT_FILE, report_text(workdir, rows))
+    path = atomic_write_text(workdir / REPORT_FILE, report_text(workdir, rows, failure=failure))
     if not echo:
         return path
     plots = workdir / PLOTS_DIR
