@@ -119,6 +119,32 @@ def ref_linear(models, weights):
     return {k: sum(wi * _f32(m[k]) for wi, m in zip(w, models)).astype(BF16) for k in models[0]}
 
 
+def ref_consensus(base, tuned, mask_lams, *, lam, k, density=None):
+    """Consensus merging in numpy (tall_masks): tau_MTL = sum of task vectors, or TIES (global
+    trim, disjoint sum, majority sign where the sum is 0); TALL masks |theta_0 - theta_t| >
+    |theta_0 + tau_MTL - theta_t| * lam_t; keep tau_MTL where >= k masks agree."""
+    taus = [{n: _f32(m[n]) - _f32(b) for n, b in base.items()} for m in tuned]
+    if density is None:
+        mtv = {n: sum(t[n] for t in taus) for n in base}
+    else:
+        trimmed = [_trim(t, density, "global") for t in taus]
+        totals = {n: sum(t[n] for t in trimmed) for n in base}
+        majority = np.sign(sum(int(np.sign(v).sum()) for v in totals.values()))
+        mtv = {}
+        for n, total in totals.items():
+            s = np.where(np.sign(total) == 0, majority, np.sign(total))
+            mtv[n] = sum(np.where(np.where(s > 0, t[n] > 0, t[n] < 0), t[n], np.float32(0))
+                         for t in trimmed)
+    out = {}
+    for n, b in base.items():
+        b32 = _f32(b)
+        mt = _f32(mtv[n].astype(BF16))  # tau_MTL is held in the models' dtype, as mergejax
+        count = sum((np.abs(b32 - _f32(m[n])) > np.abs(b32 + mt - _f32(m[n])) * np.float32(
+            lt)).astype(np.int32) for m, lt in zip(tuned, mask_lams))
+        out[n] = (b32 + np.float32(lam) * np.where(count >= k, mt, np.float32(0))).astype(BF16)
+    return out
+
+
 def ref_slerp(a, b, t):
     out = {}
     for k in a:
@@ -161,6 +187,7 @@ def _assert_close_bf16(got: dict, want: dict, ulps: int = 0):
 # --------------------------------------------------------------------------------------------
 
 W = (1.0, 0.5, 2.0)
+MASK_LAMBDAS = (0.4, 0.6, 0.5)
 
 
 def _recipe(llama, method):
@@ -178,6 +205,17 @@ def _recipe(llama, method):
         "linear": {"merge_method": "linear",
                    "models": [{"model": llama[f"ft{i}"], "parameters": {"weight": W[i]}}
                               for i in range(3)]},
+        "consensus_sum": {"merge_method": "consensus", "base_model": llama["base"],
+                          "models": [{"model": llama[f"ft{i}"],
+                                      "parameters": {"mask_lambda": MASK_LAMBDAS[i]}}
+                                     for i in range(3)],
+                          "parameters": {"lambda": 0.7, "k": 2}},
+        "consensus_ties": {"merge_method": "consensus", "base_model": llama["base"],
+                           "models": [{"model": llama[f"ft{i}"],
+                                       "parameters": {"mask_lambda": MASK_LAMBDAS[i]}}
+                                      for i in range(3)],
+                           "parameters": {"lambda": 0.9, "k": 2, "merged": "ties",
+                                          "density": 0.3}},
         "slerp": {"merge_method": "slerp", "base_model": llama["ft0"],
                   "models": [{"model": llama["ft0"]}, {"model": llama["ft1"]}],
                   "parameters": {"t": 0.3}},
@@ -198,11 +236,15 @@ def _want(llama, method):
         return ref_gta(base, tuned, W, lam=0.7, normalize=False, consensus=False)
     if method == "linear":
         return ref_linear(tuned, W)
+    if method.startswith("consensus"):
+        ties = method == "consensus_ties"
+        return ref_consensus(base, tuned, MASK_LAMBDAS, lam=0.9 if ties else 0.7, k=2,
+                             density=0.3 if ties else None)
     return ref_slerp(tuned[0], tuned[1], 0.3)
 
 
 @pytest.mark.parametrize("method", ["ties_global", "ties_tensor", "dare", "task_arithmetic",
-                                    "linear", "slerp"])
+                                    "linear", "slerp", "consensus_sum", "consensus_ties"])
 def test_recipe_output_loads_in_transformers_and_equals_numpy(llama, tmp_path, method):
     import torch
     import transformers
@@ -224,7 +266,7 @@ def test_recipe_output_loads_in_transformers_and_equals_numpy(llama, tmp_path, m
         np.testing.assert_array_equal(sd[k].float().numpy(), _f32(v), err_msg=k)
 
 
-@pytest.mark.parametrize("method", ["ties_tensor", "ties_global", "linear"])
+@pytest.mark.parametrize("method", ["ties_tensor", "ties_global", "linear", "consensus_ties"])
 def test_large_tensors_merged_in_row_blocks_give_the_same_result(llama, tmp_path, monkeypatch,
                                                                    method):
     """Blocks of 2 rows (every matrix split; ties' per-tensor threshold found over the
@@ -271,6 +313,72 @@ def test_global_ties_in_memory_equals_mergejax_ties_global(tmp_path):
                                                   disjoint="mean", zero_sign="positive")
     for k, v in want["params"].items():
         np.testing.assert_array_equal(got[f"params/{k}/kernel"], v["kernel"], err_msg=k)
+
+
+def _planted_consensus_models():
+    """base + 3 models whose TIES-elected sign sums to 0 on many kept entries (tau_2 = -tau_1
+    there, tau_0 small enough to be trimmed) and whose majority sign is negative, so the
+    zero-sign rule decides entries; bf16 like the HF models."""
+    rng = np.random.default_rng(3)
+    shapes = {"a.weight": (40, 24), "b.weight": (24, 16), "c.bias": (16,)}
+    base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    taus = []
+    for _ in range(3):
+        taus.append({n: (0.05 * rng.standard_normal(s) - 0.04).astype(np.float32)
+                     for n, s in shapes.items()})  # mostly negative: majority -1
+    for n in shapes:  # base 0 there, so that tau_2 = -tau_1 holds exactly in bf16
+        planted = rng.random(shapes[n]) < 0.3
+        base[n] = np.where(planted, np.float32(0), base[n])
+        taus[0][n] = np.where(planted, 1e-4 * np.sign(taus[0][n]), taus[0][n])
+    tuned = [{n: (base[n] + t[n]).astype(BF16) for n in shapes} for t in taus]
+    for n in shapes:
+        planted = base[n] == 0
+        tuned[2][n] = np.where(planted, -tuned[1][n], tuned[2][n])
+    return {n: v.astype(BF16) for n, v in base.items()}, tuned
+
+
+@pytest.mark.parametrize("merged", ["sum", "ties"])
+def test_consensus_out_of_core_and_in_memory_equal_mergejax_consensus(tmp_path, merged):
+    """Out of core (HF names) and in memory (mergejax names), the consensus recipe equals
+    `mergejax.methods.consensus` on the same models bit for bit, also where TIES' sign sum is
+    0 and the (negative) whole-model majority decides."""
+    from mergejax import methods
+
+    base, tuned = _planted_consensus_models()
+    lam, k, mask_lams, density = 0.8, 2, [0.5, 0.3, 0.6], 0.4
+    want = methods.get("consensus").fn("weight_space")(
+        base, tuned, lam=lam, k=k, mask_lam=mask_lams, merged=merged, density=density)
+    if merged == "ties":  # the planted entries really are decided by the zero-sign rule
+        from mergejax.methods import task_vectors as tv
+
+        m = tv.prepare(base, tuned, method="test")
+        by_rule = [tv.merge_leaves(m, combine="ties-sum", trim="global", density=density,
+                                   zero_sign=rule, add_base=False) for rule in
+                   ("majority", "positive")]
+        assert any(not np.array_equal(_f32(by_rule[0][n]), _f32(by_rule[1][n])) for n in base)
+    for layout in ("hf", "mergejax"):
+        paths = []
+        for name, tree in [("base", base), ("m0", tuned[0]), ("m1", tuned[1]),
+                           ("m2", tuned[2])]:
+            flat = tree if layout == "hf" else {f"params/{n}": v for n, v in tree.items()}
+            if layout == "hf":
+                _save_single(flat, tmp_path / f"{layout}_{name}.safetensors")
+            else:
+                R.save_flat_safetensors(tmp_path / f"{layout}_{name}.safetensors", flat)
+            paths.append(str(tmp_path / f"{layout}_{name}.safetensors"))
+        raw = {"merge_method": "consensus", "base_model": paths[0],
+               "models": [{"model": p, "parameters": {"mask_lambda": ml}}
+                          for p, ml in zip(paths[1:], mask_lams)],
+               "parameters": {"lambda": lam, "k": k, "merged": merged, "density": density}}
+        R.run(R.parse(raw), tmp_path / f"out_{layout}")
+        if layout == "hf":
+            got = _read_dir(tmp_path / "out_hf")
+        else:
+            got = {n[len("params/"):]: v for n, v in R.load_flat_safetensors(
+                tmp_path / "out_mergejax" / "model.safetensors").items()}
+        for n, v in want.items():
+            assert got[n].dtype == BF16, (layout, n)
+            np.testing.assert_array_equal(_f32(got[n]), _f32(v), err_msg=f"{layout} {n}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,18 +644,21 @@ def _two_processes(recipe: Path, out: Path) -> list[subprocess.CompletedProcess]
     return done
 
 
-def test_two_processes_split_the_shards_and_write_the_single_process_bytes(llama, tmp_path):
-    """Two processes each merge every other output shard (global TIES: histograms summed over
-    the processes); the folder equals the single-process one byte for byte, and only process 0
-    reports."""
+@pytest.mark.parametrize("method", ["ties_global", "consensus_ties"])
+def test_two_processes_split_the_shards_and_write_the_single_process_bytes(llama, tmp_path,
+                                                                           method):
+    """Two processes each merge every other output shard (whole-model TIES: histograms, and
+    consensus' sign sums, summed over the processes); the folder equals the single-process one
+    byte for byte, and only process 0 reports."""
     recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(_recipe(llama, "ties_global")))
+    recipe.write_text(yaml.safe_dump(_recipe(llama, method)))
     R.main([str(recipe), str(tmp_path / "single"), "--max-shard-size", "5KB"])
     files = sorted(f.name for f in (tmp_path / "single").iterdir())
     assert len([f for f in files if f.endswith(".safetensors")]) >= 3  # both processes work
     p0, p1 = _two_processes(recipe, tmp_path / "two")
     assert p0.returncode == 0 and p1.returncode == 0, (p0.stderr[-2000:], p1.stderr[-2000:])
-    assert "ties: merged 3 models" in p0.stdout and "merged" not in p1.stdout  # gloo talks
+    assert f"{_recipe(llama, method)['merge_method']}: merged 3 models" in p0.stdout
+    assert "merged" not in p1.stdout  # (gloo prints to stdout)
     assert sorted(f.name for f in (tmp_path / "two").iterdir()) == files
     for f in files:
         assert (tmp_path / "two" / f).read_bytes() == (tmp_path / "single" / f).read_bytes(), f

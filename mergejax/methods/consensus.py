@@ -25,7 +25,11 @@ def _consensus_mask_leaf(b, fs, mtv, lams, k):
 
 
 @jax.jit
-def _consensus_leaf(b, fs, mtv, lams, k, lam):
+def consensus_leaf(b, fs, mtv, lams, k, lam):
+    """One leaf of consensus merging: b + lam * [#{t: TALL mask_t} >= k] * mtv, in b's dtype.
+
+    b: theta_0's leaf; fs: the T fine-tuned leaves; mtv: tau_MTL's leaf (`multitask_vector`,
+    in b's dtype); lams: (T,) mask lambdas; k: int; lam: the scale (float32 scalar)."""
     dt = tv.compute_dtype(b.dtype)
     kept = jnp.where(_count(b, fs, mtv, lams) >= k, mtv.astype(dt), jnp.zeros((), dt))
     return (b.astype(dt) + lam.astype(dt) * kept).astype(b.dtype)
@@ -72,4 +76,4 @@ def consensus(base, finetuned, *, key=None, lam: float = 0.3, k: int = 2, mask_l
     m, mt, lams = prepare_masks(base, finetuned, mtv, mask_lam, "mask_lam")
     lam_j = jnp.float32(lam)
     return m.unflatten(tv.stream(
-        lambda i: _consensus_leaf(*m.leaf(i), mt[i], lams, k, lam_j), m.num_leaves))
+        lambda i: consensus_leaf(*m.leaf(i), mt[i], lams, k, lam_j), m.num_leaves))

@@ -455,6 +455,34 @@ def _merge_leaf(base, models, aux, i, thr, weights, lam, zero_sign, *, prep, tri
     return out.astype(ref.dtype), sign_sum, ambiguous
 
 
+def merge_block(base, members: Sequence, *, thresholds=None, combine: str = "sum",
+                zero_sign: float = 1.0, lam: float = 1.0, weights=None,
+                add_base: bool = True):
+    """One leaf (or row block) of `merge_leaves` with the whole-model quantities given, for
+    callers that stream a model block by block (out-of-core recipes): the same jitted kernel,
+    so the result equals the in-memory merge bit for bit.
+
+    Args:
+      base: the leaf of theta_0 (or None); members: the T models' leaves.
+      thresholds: (T,) int32 whole-model trim thresholds (`streamed_thresholds`), or None.
+      combine: "sum" or "ties-<disjoint>", as `merge_leaves`.
+      zero_sign: the elected sign where the sign sum is 0 (the whole-model majority for
+        "majority": the sign of the summed `sign_sum` of every block, computed first).
+      lam, weights: as `merge_leaves`; add_base: add `base` to the result.
+    Returns (merged leaf in the members' dtype, sum of the raw elected signs (int32 scalar),
+    whether the block has entries whose sign depends on `zero_sign`).
+    """
+    T = len(members)
+    w = np.ones(T, np.float32) if weights is None else per_task("weights", weights, T)
+    trim = None if thresholds is None else "global"
+    thr = jnp.zeros(T, jnp.int32) if thresholds is None else jnp.asarray(thresholds, jnp.int32)
+    ties = combine.startswith("ties-")
+    return _merge_leaf(base, tuple(members), None, 0, thr, jnp.asarray(w), jnp.float32(lam),
+                       jnp.float32(zero_sign), prep=None, trim=trim,
+                       combine=combine[len("ties-"):] if ties else "ta",
+                       add_base=add_base and base is not None)
+
+
 def merge_leaves(models: Models, *, combine: str = "sum", trim: str | None = None,
                  density: float = 1.0, zero_sign: str = "majority", lam: float = 1.0,
                  weights: Sequence[float] | None = None, prep: Prep = None, aux=None,

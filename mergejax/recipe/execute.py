@@ -48,6 +48,8 @@ def merge_group(method: Method, base, members: list, g: Group, key):
     group's tensors (the out-of-core path calls it on one tensor at a time); `key` seeds DARE.
     """
     p = g.params
+    if method.name == "consensus":  # whole-model quantities first: `consensus_group`
+        raise RecipeError("consensus merges through consensus_group, not merge_group")
     if method.kind == "slerp":
         return _fn("slerp")(None, members, t=p["t"])
     w = [m["weight"] for m in g.model_params]
@@ -175,11 +177,17 @@ def compute_cast(recipe: Recipe, array):
 def global_densities(recipe: Recipe, groups: Sequence[Group]) -> list[float] | None:
     """Per-member density of a `scope: global` trim (TIES paper), None for per-tensor trims.
 
-    A whole-model top-k needs one density per model: RecipeError naming the model whose
-    density varies over the tensors (gradient or filters)."""
-    if not groups or groups[0].params.get("scope", "tensor") != "global":
+    Also consensus with `merged: ties` (tall_masks' TIES trims the whole model). A whole-model
+    top-k needs one density per model: RecipeError naming the model whose density varies over
+    the tensors (gradient or filters)."""
+    if not groups:
         return None
-    if len({g.params["scope"] for g in groups}) != 1:
+    if recipe.method.name == "consensus":
+        if groups[0].params["merged"] != "ties":
+            return None
+    elif groups[0].params.get("scope", "tensor") != "global":
+        return None
+    elif len({g.params["scope"] for g in groups}) != 1:
         raise RecipeError("scope must be one value for the whole model (no filters)")
     out = []
     for i, m in enumerate(recipe.members):
@@ -191,6 +199,52 @@ def global_densities(recipe: Recipe, groups: Sequence[Group]) -> list[float] | N
                               "scope: tensor")
         out.append(float(dens[0]))
     return out
+
+
+def _consensus_ties(g: Group) -> bool:
+    return g.params["merged"] == "ties"
+
+
+def consensus_group(base: Mapping, members: Sequence[Mapping], g: Group, thr,
+                    zero_sign: float) -> dict:
+    """Consensus merging of one group's tensors ({name: array} of theta_0 and of each model)
+    with the whole-model quantities given: `thr` the (T,) TIES trim thresholds of `merged:
+    ties` (None for `sum`) and `zero_sign` TIES' whole-model majority sign (`majority_sign`).
+    The kernels of `mergejax.methods.consensus`: equal to it bit for bit. Returns {name: leaf}
+    in the base's dtypes (device arrays)."""
+    import jax.numpy as jnp
+
+    from mergejax.methods import task_vectors as tv
+    from mergejax.methods.consensus import consensus_leaf
+
+    p = g.params
+    ties = _consensus_ties(g)
+    lams = jnp.asarray([mp["mask_lambda"] for mp in g.model_params], jnp.float32)
+    out = {}
+    for name, b in base.items():
+        fs = tuple(m[name] for m in members)
+        mtv = tv.merge_block(b, fs, thresholds=thr if ties else None,
+                             combine="ties-sum" if ties else "sum", zero_sign=zero_sign,
+                             add_base=False)[0]
+        out[name] = consensus_leaf(b, fs, mtv, lams, int(p["k"]), jnp.float32(p["lambda"]))
+    return out
+
+
+def sign_total(blocks, thr) -> np.ndarray:
+    """[sum of positive, minus the sum of negative] elected-sign sums of TIES (trimmed with
+    `thr`) over the (base, members) `blocks`: int64, summable over processes."""
+    from mergejax.methods import task_vectors as tv
+
+    pos = neg = 0
+    for b, ms in blocks:
+        s = int(tv.merge_block(b, ms, thresholds=thr, combine="ties-sum", add_base=False)[1])
+        pos, neg = pos + max(s, 0), neg + max(-s, 0)
+    return np.array([pos, neg], np.int64)
+
+
+def majority_sign(total: np.ndarray) -> float:
+    """TIES' zero-sign rule "majority" from `sign_total`: the sign of the summed signs."""
+    return float(np.sign(int(total[0]) - int(total[1])))
 
 
 def untrimmed(g: Group) -> Group:
@@ -251,22 +305,33 @@ def merge_flats(recipes: Recipe | Sequence[Recipe], inputs: Mapping[Path, Flat],
         groups = plan(recipe, names)
         all_groups += groups
         dens = global_densities(recipe, groups)
-        if dens is not None:  # whole-model trim: thresholds first, then merge untrimmed
+        consensus = recipe.method.name == "consensus"
+        thr, zero_sign = None, 1.0
+        if dens is not None:  # whole-model trim: thresholds first
             from mergejax.recipe.thresholds import global_thresholds, trim_to_base
 
-            thr = global_thresholds(lambda b=base, ms=members, ns=names: (
-                (b[n], [m[n] for m in ms]) for n in ns), dens,
-                sum(int(np.size(base[n])) for n in names))
-            members = [{n: np.asarray(trim_to_base(base[n], m[n], thr[t])) for n in names}
-                       for t, m in enumerate(members)]
-            groups = [untrimmed(g) for g in groups]
-        for i, g in enumerate(groups):
-            def sub(flat, names=g.names):
-                return unflatten({n: flat[n] for n in names})
+            def blocks(b=base, ms=members, ns=names):
+                return ((b[n], [m[n] for m in ms]) for n in ns)
 
-            merged = merge_group(recipe.method, None if base is None else sub(base),
-                                 [sub(m) for m in members], g, jax.random.fold_in(key, i))
-            for name, value in flatten(merged).items():
+            thr = global_thresholds(blocks, dens, sum(int(np.size(base[n])) for n in names))
+            if consensus:  # the masks need the untrimmed models
+                zero_sign = majority_sign(sign_total(blocks(), thr))
+            else:  # trimmed to base, then merged untrimmed
+                members = [{n: np.asarray(trim_to_base(base[n], m[n], thr[t])) for n in names}
+                           for t, m in enumerate(members)]
+                groups = [untrimmed(g) for g in groups]
+        for i, g in enumerate(groups):
+            if consensus:
+                merged = consensus_group({n: base[n] for n in g.names}, members, g, thr,
+                                         zero_sign)
+            else:
+                def sub(flat, names=g.names):
+                    return unflatten({n: flat[n] for n in names})
+
+                merged = flatten(merge_group(recipe.method, None if base is None else sub(base),
+                                             [sub(m) for m in members], g,
+                                             jax.random.fold_in(key, i)))
+            for name, value in merged.items():
                 out[name] = np.asarray(stored(value, recipe, in_dtypes[name]))
     return out, all_groups
 

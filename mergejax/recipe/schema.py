@@ -52,6 +52,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                                        "int8_mask"),
            {**_GTA, "gamma": 0.01, "normalize": False}, "magnitude_outliers", True,
            "breadcrumbs, then sign election"),
+    Method("consensus", "gta", ("lambda", "k", "mask_lambda", "merged", "density"),
+           {"lambda": 1.0, "k": 2, "mask_lambda": 0.6, "merged": "sum", "density": 0.2},
+           doc="Consensus merging (TALL masks, Wang et al. 2024): base + lambda * tau_MTL "
+               "where >= k tasks' TALL masks agree; tau_MTL = sum of task vectors or TIES "
+               "(merged: ties, whole-model trim) (mergejax consensus)"),
     Method("slerp", "slerp", ("t",), {},
            doc="spherical interpolation of exactly two models, t=0 -> base_model (or the first)"),
 )}
@@ -69,6 +74,12 @@ PARAMETERS: dict[str, tuple[str, str, Any, str]] = {
     "rescale": ("global", "bool", None, "dare: rescale survivors to the tensor's L1 norm"),
     "int8_mask": ("global", "bool", None, "accepted for mergekit compatibility; no effect"),
     "t": ("global", "number", (0, 1, False, False), "slerp factor, [0, 1] (required)"),
+    "k": ("global", "integer", (0, None, False, False),
+          "consensus: fewest agreeing TALL masks that keep an entry (integer >= 0)"),
+    "mask_lambda": ("model", "number", (0, None, False, False),
+                    "consensus: the task's TALL mask threshold lambda_t >= 0"),
+    "merged": ("global", "choice", ("sum", "ties"),
+               "consensus: tau_MTL = sum of task vectors or TIES (whole-model trim, density)"),
     # mergejax extension: mergekit trims per tensor; the TIES paper over the whole model (exact
     # out of core too: a threshold pass before the merge pass, `mergejax.recipe.thresholds`).
     "scope": ("global", "choice", ("tensor", "global"),

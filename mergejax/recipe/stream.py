@@ -42,8 +42,11 @@ from mergejax.recipe.execute import (
     assign_tensors,
     compute_cast,
     compute_dtype,
+    consensus_group,
     global_densities,
+    majority_sign,
     merge_group,
+    sign_total,
     storage_dtype,
     untrimmed,
 )
@@ -163,12 +166,28 @@ def _thresholds(recipe: Recipe, groups: list[Group], names: list[str], reader: _
     return global_thresholds(tensors, dens, total, reduce=processes.process_sum)
 
 
+def _majority(recipe: Recipe, names: list[str], reader: _Reader, progress: bool, desc: str,
+              mine: set[str], thr) -> float:
+    """Consensus with `merged: ties`: TIES' whole-model majority sign (zero-sign rule), from a
+    sweep of this process's tensors summed over processes."""
+    def blocks():
+        for _, arrays in reader.sweep([n for n in names if n in mine], f"{desc} signs",
+                                      progress):
+            base = arrays[recipe.base.path]
+            members = [arrays[m.path] for m in recipe.members]
+            for s in row_blocks(base.shape, compute_dtype(recipe, base.dtype).itemsize):
+                yield (_on_device(recipe, base[s]),
+                       [_on_device(recipe, m[s]) for m in members])
+
+    return majority_sign(processes.process_sum(sign_total(blocks(), thr)))
+
+
 # Tensors above this many bytes are merged in row blocks when the method allows it, so that
 # the merge's float32 temporaries stay small whatever the tensor (embeddings, lm_head).
 CHUNK_BYTES = 64 << 20
 # Methods that are elementwise once the magnitude trim is applied (ties: its per-tensor top-k
 # threshold is found first over the blocks, `thresholds.global_thresholds` on one tensor).
-BLOCKWISE = ("linear", "task_arithmetic", "ties")
+BLOCKWISE = ("linear", "task_arithmetic", "ties", "consensus")
 
 
 def row_blocks(shape: tuple[int, ...], itemsize: int) -> list[slice]:
@@ -215,9 +234,10 @@ def _stored_block(recipe: Recipe, name: str, merged, ref_dtype) -> np.ndarray:
 
 
 def _merge_one(recipe: Recipe, g: Group, thr, key, name: str,
-               arrays: dict[Path, np.ndarray], ref_dtype) -> list[np.ndarray]:
+               arrays: dict[Path, np.ndarray], ref_dtype, zero_sign: float = 1.0
+               ) -> list[np.ndarray]:
     """The merged tensor `name` as stored, as a list of row blocks (axis 0) that concatenate
-    to it. `thr`: whole-model thresholds or None."""
+    to it. `thr`: whole-model thresholds or None; `zero_sign`: consensus-TIES' majority."""
     from mergejax.recipe.thresholds import global_thresholds, trim_to_base
 
     raw_base = arrays[recipe.base.path] if recipe.method.kind == "gta" else None
@@ -236,11 +256,17 @@ def _merge_one(recipe: Recipe, g: Group, thr, key, name: str,
         if min(dens) < 1:  # this tensor's own top-k threshold, streamed over its blocks
             thr = global_thresholds(lambda: (block(s) for s in blocks), dens,
                                     int(np.prod(raw[0].shape)))
-    if thr is not None:
+    consensus = recipe.method.name == "consensus"  # its masks need the untrimmed models
+    if thr is not None and not consensus:
         g = untrimmed(g)
     parts = []
     for s in blocks:
         b, ms = block(s)
+        if consensus:
+            merged = consensus_group({name: b}, [{name: m} for m in ms], g, thr,
+                                     zero_sign)[name]
+            parts.append(_stored_block(recipe, name, merged, ref_dtype))
+            continue
         if thr is not None:
             ms = [trim_to_base(b, m, thr[t]) for t, m in enumerate(ms)]
         merged = merge_group(recipe.method, None if b is None else {name: b},
@@ -290,7 +316,7 @@ def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
             docs.append((j, recipe, groups, [n for n in names if n in in_block]))
             for g in groups:
                 for n in g.names:
-                    job[n] = [recipe, g, None, key]
+                    job[n] = [recipe, g, None, key, 1.0]
         items = []
         for n in names:
             info = ref.info(n)
@@ -303,10 +329,13 @@ def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
                                only=lambda i: i % nproc == proc)
         mine = {it[0] for _, it in writer.order}
         for j, recipe, groups, order in docs:
-            thr = _thresholds(recipe, groups, order, reader, progress,
-                              f"doc {j}" if len(recipes) > 1 else recipe.method.name, mine)
+            desc = f"doc {j}" if len(recipes) > 1 else recipe.method.name
+            thr = _thresholds(recipe, groups, order, reader, progress, desc, mine)
+            zero_sign = 1.0
+            if thr is not None and recipe.method.name == "consensus":
+                zero_sign = _majority(recipe, order, reader, progress, desc, mine, thr)
             for n in order:
-                job[n][2] = thr
+                job[n][2:] = [thr, job[n][3], zero_sign]
         error = None
         try:
             _merge_sweep([n for n in names if n in mine], job, reader, writer, sources, ref,
@@ -344,10 +373,10 @@ def _merge_sweep(names: list[str], job: dict, reader: _Reader, writer: ShardedWr
         pending = None
         for n, arrays in reader.sweep(names, "merge", progress):
             if n in job:
-                recipe, g, thr, key = job[n]
+                recipe, g, thr, key, zero_sign = job[n]
                 try:
                     value = _merge_one(recipe, g, thr, tensor_key(key, n), n, arrays,
-                                       ref.info(n).dtype)
+                                       ref.info(n).dtype, zero_sign)
                 except NonFiniteError:
                     raise
                 except ValueError as e:  # the methods' checks, e.g. non-finite inputs

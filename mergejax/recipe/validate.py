@@ -75,9 +75,12 @@ def _check_scalar(method: str, name: str, v) -> str | None:
         return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
     if not _is_number(v) or not math.isfinite(v):
         return f"must be a finite number, got {v!r}"
+    if kind == "integer" and not float(v).is_integer():
+        return f"must be an integer, got {v!r}"
     rng = param_range(method, name)
     if rng is not None:
         lo, hi, lo_open, hi_open = rng
+        hi = math.inf if hi is None else hi
         if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
             return (f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, "
                     f"got {v!r}")
