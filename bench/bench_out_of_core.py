@@ -242,12 +242,12 @@ def main() -> None:
                             for i in range(n)]
             wall, rss = measure(cmds or [cmd], env)
             rows.append((run, wall, moved / wall / 1e9, rss))
-            print(f"# {run}: {wall:.1f} s, {moved / wall / 1e9:.2f} GB/s, peak RSS {rss:.2f} GB",
+            print(f"# {run}: {wall:.1f} s, {moved / wall / 1e9:.2f} GB/s, peak RSS {rss:.2f} GiB",
                   flush=True)
             shutil.rmtree(out, ignore_errors=True)
         limit = next((r[2] for r in rows if r[0] == "limit"), None)
-        print(f"\n| run | wall s | GB/s (3 in + 1 out) | % of limit | peak RSS GB | RSS / "
-              f"model ({size / 1e9:.2f} GB) |")
+        print(f"\n| run | wall s | GB/s (3 in + 1 out) | % of limit | peak RSS GiB | RSS / "
+              f"model ({size / 2**30:.2f} GiB) |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for run, wall, gbs, rss in rows:
             pct = f"{100 * gbs / limit:.0f}%" if limit else "-"
