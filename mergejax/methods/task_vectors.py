@@ -24,6 +24,8 @@ ties at the threshold are all kept; `density == 1` keeps everything.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import zlib
@@ -88,6 +90,22 @@ class Models:
     def each(self) -> list[Models]:
         """One `Models` per model (no base), to transform every task vector on its own."""
         return [Models(self.treedef, self.paths, None, [m]) for m in self.models]
+
+
+_CHECK_INPUTS = contextvars.ContextVar("mergejax_check_inputs", default=True)
+
+
+@contextlib.contextmanager
+def inputs_checked_by_caller():
+    """Within the block `prepare` skips its NaN/inf check of the inputs (one extra read of
+    every leaf). For callers that check the result instead, where a non-finite input cannot
+    vanish (sums and weighted sums: NaN and inf propagate, inf - inf and 0 * inf are NaN), and
+    that run the check afterwards to name the input at fault (out-of-core recipes)."""
+    token = _CHECK_INPUTS.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_INPUTS.reset(token)
 
 
 @jax.jit
@@ -189,7 +207,7 @@ def prepare(base: Params | None, finetuned: Sequence[Params], *, method: str,
         if np.size(leaf) > _MAX_LEAF:
             raise ValueError(f"{method}: leaf {p!r} has {np.size(leaf)} entries; at most "
                              f"{_MAX_LEAF} per leaf are supported (split it)")
-    if check_finite:
+    if check_finite and _CHECK_INPUTS.get():
         flags = jax.device_get([stream(lambda i, ls=leaves: all_finite(ls[i]), len(leaves))
                                 for _, leaves in named])
         for (who, _), row in zip(named, flags):

@@ -36,7 +36,7 @@ import yaml
 from mergejax.io.atomic import atomic_dir, temp_tag, with_temp_tag
 from mergejax.io.check import NonFiniteError
 from mergejax.kernels import processes
-from mergejax.methods.task_vectors import all_finite
+from mergejax.methods.task_vectors import all_finite, inputs_checked_by_caller
 from mergejax.recipe.checkpoint_io import RECIPE_NAME
 from mergejax.recipe.execute import (
     assign_tensors,
@@ -190,6 +190,10 @@ CHUNK_BYTES = 64 << 20
 BLOCKWISE = ("linear", "task_arithmetic", "ties", "consensus")
 
 
+# Weighted sums: a NaN/inf input always gives a NaN/inf result (`inputs_checked_by_caller`).
+SUMS = ("linear", "task_arithmetic")
+
+
 def row_blocks(shape: tuple[int, ...], itemsize: int) -> list[slice]:
     """Slices of axis 0 of at most CHUNK_BYTES each (one slice for a 0-d or small tensor)."""
     if not shape or int(np.prod(shape)) * itemsize <= CHUNK_BYTES:
@@ -269,9 +273,18 @@ def _merge_one(recipe: Recipe, g: Group, thr, key, name: str,
             continue
         if thr is not None:
             ms = [trim_to_base(b, m, thr[t]) for t, m in enumerate(ms)]
-        merged = merge_group(recipe.method, None if b is None else {name: b},
-                             [{name: m} for m in ms], g, key)[name]
-        parts.append(_stored_block(recipe, name, merged, ref_dtype))
+        args = (recipe.method, None if b is None else {name: b}, [{name: m} for m in ms], g,
+                key)
+        if recipe.method.name not in SUMS:
+            parts.append(_stored_block(recipe, name, merge_group(*args)[name], ref_dtype))
+            continue
+        with inputs_checked_by_caller():  # the result's check below catches any NaN/inf
+            merged = merge_group(*args)[name]
+        try:
+            parts.append(_stored_block(recipe, name, merged, ref_dtype))
+        except NonFiniteError:
+            merge_group(*args)  # with the input check: a ValueError naming the model at fault
+            raise
     return parts
 
 

@@ -149,3 +149,17 @@ def test_all_finite_finds_one_bad_entry_anywhere(dtype, bad):
         y[pos] = bad
         assert not np.isfinite(y.astype(np.float32)).all()
         assert not bool(tv.all_finite(y)), (pos, y[pos])
+
+
+def test_inputs_checked_by_caller_skips_only_the_input_check_and_only_inside():
+    """Inside the block a NaN input reaches the (NaN) result instead of raising; outside, and
+    after an exception inside, the check is back."""
+    base = {"w": np.zeros(4, np.float32)}
+    bad = {"w": np.array([0.0, np.nan, 1.0, 2.0], np.float32)}
+    with tv.inputs_checked_by_caller():
+        out = task_arithmetic(base, [bad], lam=1.0)
+    assert np.isnan(np.asarray(out["w"])[1]) and not bool(tv.all_finite(out["w"]))
+    with pytest.raises(RuntimeError), tv.inputs_checked_by_caller():
+        raise RuntimeError("inside")
+    with pytest.raises(ValueError, match="non-finite"):
+        task_arithmetic(base, [bad], lam=1.0)
