@@ -1,4 +1,9 @@
-"""Shared test fixtures: tiny models with random BatchNorm statistics."""
+"""Shared test fixtures: tiny models with random BatchNorm statistics; several processes of
+one jax.distributed job."""
+
+import os
+import socket
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -112,3 +117,31 @@ def json_numbers(value):
     if isinstance(value, list):
         return [n for v in value for n in json_numbers(v)]
     return [value] if isinstance(value, int | float) and not isinstance(value, bool) else []
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def distributed_env(**extra: str) -> dict:
+    """The environment of one process of a local jax.distributed job: CPU, one device per
+    process (the processes are the "hosts"), no compilation cache, and without the suite's
+    MERGEJAX_DATA_DEVICES (refused on several processes)."""
+    env = {k: v for k, v in os.environ.items() if k != "MERGEJAX_DATA_DEVICES"}
+    return {**env, "JAX_PLATFORMS": "cpu", "MERGEJAX_COMPILE_CACHE": "off",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **extra}
+
+
+def run_together(jobs, *, cwd=None, timeout: float = 600) -> list:
+    """Starts every (command, environment) of `jobs` at once and waits for all; returns their
+    `subprocess.CompletedProcess` (text stdout/stderr), in order."""
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd, env in jobs]
+    done = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return done

@@ -6,12 +6,12 @@ processes together) or read once from the cache (by process 0, sent to process 1
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import distributed_env, free_port, run_together
 
 from mergejax import experiment
 from mergejax.config_lib import load_config_file
@@ -27,21 +27,10 @@ def _overrides(methods: str) -> list[str]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _launch_two(workdir: Path, methods: str) -> list[subprocess.CompletedProcess]:
     """Runs launch.py as processes 0 and 1 of one distributed run; returns both results."""
-    port = _free_port()
-    # every device of both processes: the suite's MERGEJAX_DATA_DEVICES=1 is not for this run
-    env = {k: v for k, v in os.environ.items() if k != "MERGEJAX_DATA_DEVICES"}
-    env = {**env, "JAX_PLATFORMS": "cpu", "MERGEJAX_COMPILE_CACHE": "off",
-           # one CPU device per process: the 2 processes are the 2 "hosts"
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    procs = []
+    port = free_port()
+    jobs = []
     for i in range(2):
         cmd = [sys.executable, str(ROOT / "launch.py"),
                f"--config={ROOT / 'configs' / CONFIG}:quick", f"--workdir={workdir}",
@@ -50,13 +39,8 @@ def _launch_two(workdir: Path, methods: str) -> list[subprocess.CompletedProcess
         # process 1 takes its id from the environment, process 0 from the flag
         if i == 0:
             cmd.append("--process_id=0")
-        procs.append(subprocess.Popen(cmd, env={**env, "MERGEJAX_PROCESS_ID": str(i)},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+        jobs.append((cmd, distributed_env(MERGEJAX_PROCESS_ID=str(i))))
+    out = run_together(jobs)
     for o in out:
         assert o.returncode == 0, o.stderr[-3000:]
     return out

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
+from helpers import distributed_env, free_port, run_together
 
 from mergejax import recipe as R
 from mergejax.io.atomic import remove_stale_temporaries
@@ -619,29 +620,14 @@ def test_killed_merge_leaves_no_partial_output(llama, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(recipe: Path, out: Path) -> list[subprocess.CompletedProcess]:
     """The recipe CLI as processes 0 and 1 of one jax.distributed job (one CPU device each)."""
-    port = _free_port()
-    env = {k: v for k, v in _env(1).items() if k != "MERGEJAX_DATA_DEVICES"}
-    procs = [subprocess.Popen([sys.executable, "-m", "mergejax.recipe", str(recipe), str(out),
-                               "--max-shard-size", "5KB", "--distributed",
-                               f"--coordinator=localhost:{port}", "--num-processes=2",
-                               f"--process-id={i}"],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    done = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return done
+    port = free_port()
+    env = distributed_env(JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    return run_together([([sys.executable, "-m", "mergejax.recipe", str(recipe), str(out),
+                           "--max-shard-size", "5KB", "--distributed",
+                           f"--coordinator=localhost:{port}", "--num-processes=2",
+                           f"--process-id={i}"], env) for i in range(2)], cwd=REPO, timeout=300)
 
 
 @pytest.mark.parametrize("method", ["ties_global", "consensus_ties"])

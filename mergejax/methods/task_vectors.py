@@ -491,14 +491,27 @@ def merge_block(base, members: Sequence, *, thresholds=None, combine: str = "sum
     whether the block has entries whose sign depends on `zero_sign`).
     """
     T = len(members)
-    w = np.ones(T, np.float32) if weights is None else per_task("weights", weights, T)
     trim = None if thresholds is None else "global"
     thr = jnp.zeros(T, jnp.int32) if thresholds is None else jnp.asarray(thresholds, jnp.int32)
-    ties = combine.startswith("ties-")
-    return _merge_leaf(base, tuple(members), None, 0, thr, jnp.asarray(w), jnp.float32(lam),
-                       jnp.float32(zero_sign), prep=None, trim=trim,
-                       combine=combine[len("ties-"):] if ties else "ta",
-                       add_base=add_base and base is not None)
+    return _merge_leaf(base, tuple(members), None, 0, thr, jnp.asarray(_weights(weights, T)),
+                       jnp.float32(lam), jnp.float32(zero_sign), prep=None, trim=trim,
+                       combine=_kernel_combine(combine), add_base=add_base and base is not None)
+
+
+def _weights(weights, num_models: int) -> np.ndarray:
+    """(T,) float32 per-model weights of a merge: 1 each unless given."""
+    if weights is None:
+        return np.ones(num_models, np.float32)
+    return per_task("weights", weights, num_models)
+
+
+def _kernel_combine(combine: str) -> str:
+    """`_merge_leaf`'s name of a `combine` ("sum" -> "ta", "ties-<disjoint>" -> disjoint)."""
+    if combine.startswith("ties-"):
+        return combine[len("ties-"):]
+    if combine != "sum":
+        raise ValueError(f"combine must be 'sum' or 'ties-<disjoint>', got {combine!r}")
+    return "ta"
 
 
 def merge_leaves(models: Models, *, combine: str = "sum", trim: str | None = None,
@@ -518,7 +531,8 @@ def merge_leaves(models: Models, *, combine: str = "sum", trim: str | None = Non
     with a zero-sum, non-zero entry are recomputed afterwards if the majority is not +1.
     """
     T = models.num_models
-    w = np.ones(T, np.float32) if weights is None else per_task("weights", weights, T)
+    w = _weights(weights, T)
+    combine_key = _kernel_combine(combine)
     if trim == "global":
         thr = jnp.asarray(global_thresholds(models, density, prep=prep, aux=aux))
         trim_key = "global" if density < 1 else None
@@ -528,10 +542,6 @@ def merge_leaves(models: Models, *, combine: str = "sum", trim: str | None = Non
         thr, trim_key = jnp.zeros(T, jnp.int32), ("tensor" if density < 1 else None)
     else:
         thr, trim_key = jnp.zeros(T, jnp.int32), None
-    ties = combine.startswith("ties-")
-    if not ties and combine != "sum":
-        raise ValueError(f"combine must be 'sum' or 'ties-<disjoint>', got {combine!r}")
-    combine_key = combine[len("ties-"):] if ties else "ta"
     add = models.base is not None if add_base is None else add_base
     lam_j, w_j = jnp.float32(lam), jnp.asarray(w)
 
@@ -547,7 +557,7 @@ def merge_leaves(models: Models, *, combine: str = "sum", trim: str | None = Non
 
     results = stream(lambda i: run(i, 1.0), models.num_leaves)
     leaves = [r[0] for r in results]
-    if ties and zero_sign == "majority":
+    if combine_key != "ta" and zero_sign == "majority":
         stats = jax.device_get([(r[1], r[2]) for r in results])
         majority = int(np.sign(sum(int(s) for s, _ in stats)))
         if majority != 1:

@@ -201,10 +201,6 @@ def global_densities(recipe: Recipe, groups: Sequence[Group]) -> list[float] | N
     return out
 
 
-def _consensus_ties(g: Group) -> bool:
-    return g.params["merged"] == "ties"
-
-
 def consensus_group(base: Mapping, members: Sequence[Mapping], g: Group, thr,
                     zero_sign: float) -> dict:
     """Consensus merging of one group's tensors ({name: array} of theta_0 and of each model)
@@ -218,7 +214,7 @@ def consensus_group(base: Mapping, members: Sequence[Mapping], g: Group, thr,
     from mergejax.methods.consensus import consensus_leaf
 
     p = g.params
-    ties = _consensus_ties(g)
+    ties = p["merged"] == "ties"
     lams = jnp.asarray([mp["mask_lambda"] for mp in g.model_params], jnp.float32)
     out = {}
     for name, b in base.items():

@@ -21,7 +21,6 @@ a killed merge leaves no partial output.
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import zlib
@@ -48,6 +47,7 @@ from mergejax.recipe.execute import (
     merge_group,
     sign_total,
     storage_dtype,
+    stored,
     untrimmed,
 )
 from mergejax.recipe.hf_io import CheckpointInputError, Source
@@ -153,14 +153,8 @@ def _thresholds(recipe: Recipe, groups: list[Group], names: list[str], reader: _
 
     def tensors():
         sweep[0] += 1
-        for _, arrays in reader.sweep([n for n in names if n in mine],
-                                      f"{desc} threshold {sweep[0]}/2", progress):
-            base = arrays[recipe.base.path]
-            members = [arrays[m.path] for m in recipe.members]
-            size = compute_dtype(recipe, base.dtype).itemsize
-            for s in row_blocks(base.shape, size):  # histograms add up
-                yield (_on_device(recipe, base[s]),
-                       [_on_device(recipe, m[s]) for m in members])
+        return _doc_blocks(recipe, [n for n in names if n in mine], reader,
+                           f"{desc} threshold {sweep[0]}/2", progress)
 
     total = sum(int(np.prod(reader.sources[recipe.base.path].info(n).shape)) for n in names)
     return global_thresholds(tensors, dens, total, reduce=processes.process_sum)
@@ -170,16 +164,20 @@ def _majority(recipe: Recipe, names: list[str], reader: _Reader, progress: bool,
               mine: set[str], thr) -> float:
     """Consensus with `merged: ties`: TIES' whole-model majority sign (zero-sign rule), from a
     sweep of this process's tensors summed over processes."""
-    def blocks():
-        for _, arrays in reader.sweep([n for n in names if n in mine], f"{desc} signs",
-                                      progress):
-            base = arrays[recipe.base.path]
-            members = [arrays[m.path] for m in recipe.members]
-            for s in row_blocks(base.shape, compute_dtype(recipe, base.dtype).itemsize):
-                yield (_on_device(recipe, base[s]),
-                       [_on_device(recipe, m[s]) for m in members])
+    blocks = _doc_blocks(recipe, [n for n in names if n in mine], reader, f"{desc} signs",
+                         progress)
+    return majority_sign(processes.process_sum(sign_total(blocks, thr)))
 
-    return majority_sign(processes.process_sum(sign_total(blocks(), thr)))
+
+def _doc_blocks(recipe: Recipe, names: list[str], reader: _Reader, desc: str, progress: bool
+                ) -> Iterator[tuple]:
+    """(base block, [member blocks]) on the device, in the compute dtype, for every row block
+    of every tensor of `names`: one sweep of a whole-model pass (the blocks' results add up)."""
+    for _, arrays in reader.sweep(names, desc, progress):
+        base = arrays[recipe.base.path]
+        members = [arrays[m.path] for m in recipe.members]
+        for s in row_blocks(base.shape, compute_dtype(recipe, base.dtype).itemsize):
+            yield _on_device(recipe, base[s]), [_on_device(recipe, m[s]) for m in members]
 
 
 # Tensors above this many bytes are merged in row blocks when the method allows it, so that
@@ -213,28 +211,25 @@ def _on_device(recipe: Recipe, array: np.ndarray):
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-@functools.partial(jax.jit, static_argnames=("compute", "out"))
-def _storage_bits(value, *, compute, out):
-    """(the merged block cast to the compute then the storage dtype, as unsigned ints of the
-    same width; True iff all of it is finite). One fused pass; the bit view lets the host take
-    the buffer without a copy (`np.from_dlpack` has no bfloat16)."""
-    if compute is not None:
-        value = value.astype(compute)
-    value = value.astype(out)
-    return (jax.lax.bitcast_convert_type(value, _UINT[np.dtype(out).itemsize]),
-            all_finite(value))
+@jax.jit
+def _bits_if_finite(value):
+    """(`value`'s bits as unsigned ints of the same width, True iff all of it is finite): one
+    pass; the bit view lets the host take the buffer without a copy (`np.from_dlpack` has no
+    bfloat16)."""
+    uint = _UINT[np.dtype(value.dtype).itemsize]
+    return jax.lax.bitcast_convert_type(value, uint), all_finite(value)
 
 
 def _stored_block(recipe: Recipe, name: str, merged, ref_dtype) -> np.ndarray:
-    """The merged block as stored, on the host (a view of the device buffer); NonFiniteError
-    (after the storage cast: an out_dtype that overflows is caught too)."""
-    out = storage_dtype(recipe, ref_dtype)
-    compute = None if recipe.dtype is None else compute_dtype(recipe, out)
-    bits, ok = _storage_bits(merged, compute=compute, out=out)
+    """The merged block as stored (`execute.stored`, cast on the device), on the host (a view
+    of the device buffer); NonFiniteError (after the storage cast: an out_dtype that overflows
+    is caught too)."""
+    value = jax.numpy.asarray(stored(merged, recipe, ref_dtype))
+    bits, ok = _bits_if_finite(value)
     if not bool(ok):
         raise NonFiniteError(f"merged tensor {name!r} has NaN/inf values; nothing was "
                              "written (check the inputs, and an out_dtype that overflows)")
-    return np.from_dlpack(bits).view(out)
+    return np.from_dlpack(bits).view(value.dtype)
 
 
 def _merge_one(recipe: Recipe, g: Group, thr, key, name: str,
@@ -318,22 +313,17 @@ def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
         floats = [n for n in names if _is_float(ref.info(n).dtype)]
         reader = _Reader(sources)
         root = jax.random.key(seed)
-        job: dict[str, list] = {}
-        docs = []
+        docs = []  # (document index, recipe, its parameter groups, its tensors in order)
         for j, (recipe, block) in enumerate(zip(recipes, assign_tensors(recipes, floats))):
-            if not block:
-                continue
-            key = root if len(recipes) == 1 else jax.random.fold_in(root, j)
-            groups = plan(recipe, block)
-            in_block = set(block)
-            docs.append((j, recipe, groups, [n for n in names if n in in_block]))
-            for g in groups:
-                for n in g.names:
-                    job[n] = [recipe, g, None, key, 1.0]
+            if block:
+                in_block = set(block)
+                docs.append((j, recipe, plan(recipe, block), [n for n in names if n in in_block]))
+        recipe_of = {n: recipe for _, recipe, _, order in docs for n in order}
         items = []
         for n in names:
             info = ref.info(n)
-            out_dt = info.dtype if n not in job else storage_dtype(job[n][0], info.dtype)
+            out_dt = (storage_dtype(recipe_of[n], info.dtype) if n in recipe_of
+                      else info.dtype)
             items.append((n, info.shape, out_dt))
         raws = [dict(r.raw) for r in recipes]
         raw_json = json.dumps(raws[0] if len(raws) == 1 else raws, sort_keys=True, default=str)
@@ -341,14 +331,16 @@ def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
                                {"mergejax_recipe": raw_json, "seed": str(seed)},
                                only=lambda i: i % nproc == proc)
         mine = {it[0] for _, it in writer.order}
+        job: dict[str, tuple] = {}  # tensor -> (recipe, group, thresholds, key, zero sign)
         for j, recipe, groups, order in docs:
+            key = root if len(recipes) == 1 else jax.random.fold_in(root, j)
             desc = f"doc {j}" if len(recipes) > 1 else recipe.method.name
             thr = _thresholds(recipe, groups, order, reader, progress, desc, mine)
             zero_sign = 1.0
             if thr is not None and recipe.method.name == "consensus":
                 zero_sign = _majority(recipe, order, reader, progress, desc, mine, thr)
-            for n in order:
-                job[n][2:] = [thr, job[n][3], zero_sign]
+            for g in groups:
+                job.update({n: (recipe, g, thr, key, zero_sign) for n in g.names})
         error = None
         try:
             _merge_sweep([n for n in names if n in mine], job, reader, writer, sources, ref,
