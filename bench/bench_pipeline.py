@@ -4,6 +4,7 @@ products, the greedy loop, merge by W* = sum_i M_i W_i U_i, one `momentum=None` 
 
     python bench/bench_pipeline.py [--width 1] [--images 1200] [--reps 3]
     python bench/bench_pipeline.py --endpoints /tmp/d32/endpoints/model_a,/tmp/d32/endpoints/model_b
+    python bench/bench_pipeline.py --endpoints A,B --cpu-devices 2   # one XLA device per core
 
 Both pipelines run on the same endpoints (mergejax's, converted with
 `mergejax.converters.to_torch`; random initialisation with random BatchNorm statistics unless
@@ -16,6 +17,11 @@ kept. Stages, as ZipIt!'s evaluation runs them (endpoint resets excluded):
 - apply: the merged trunk and the two heads;
 - BN reset: the merged model's BatchNorm statistics, torch's momentum=None
   (mergejax `reset_batch_stats(..., estimator="per_batch")`).
+
+Torch runs on its default threads (one per core). XLA:CPU runs most of a program on one thread,
+so to give mergejax the same cores, `--cpu-devices N` makes N XLA CPU devices
+(`jax_num_cpu_devices`, or `JAX_NUM_CPU_DEVICES=N` for any mergejax run) and every stage shards
+its batches over them, as it would over the GPUs of a host.
 
 Each stage is timed on its first call (mergejax: jit compilation included) and then `--reps`
 more times (the median is the steady state), the two pipelines alternating. Prints a markdown
@@ -143,7 +149,12 @@ def main():
     parser.add_argument("--compile-cache", default="",
                         help="JAX persistent compilation cache dir (mergejax.compile_cache), as "
                              "launch.py uses; run twice to see a warm cache's first call")
+    parser.add_argument("--cpu-devices", type=int, default=0,
+                    help="XLA CPU devices (jax_num_cpu_devices; 0: JAX's default, 1): with one "
+                         "per core, mergejax's stages run data-parallel over the cores")
     args = parser.parse_args()
+    if args.cpu_devices:  # before JAX initialises its backend
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.compile_cache:  # before the first compile of the process
         from mergejax import compile_cache
 

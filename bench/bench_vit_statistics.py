@@ -159,7 +159,12 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch.set_num_threads (0: torch's default, the core count)")
+    ap.add_argument("--cpu-devices", type=int, default=0,
+                    help="XLA CPU devices (jax_num_cpu_devices; 0: JAX's default, 1): with one "
+                         "per core, mergejax's stages run data-parallel over the cores")
     args = ap.parse_args()
+    if args.cpu_devices:  # before JAX initialises its backend
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     import torch
 
     if args.torch_threads:

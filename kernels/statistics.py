@@ -22,32 +22,41 @@ cancellation. Batches are folded into the running state with Chan et al.'s paral
 (``merge``):
     delta = mean_b - mean_a,   mean = mean_a + delta * n_b / n,
     M2 = M2_a + M2_b + delta delta^T * n_a n_b / n.
+A state keeps its mean as ``shift + rel_mean``: ``shift`` is its first batch's ``mean0`` (a float32
+number, kept as it is) and ``rel_mean`` the small rest. ``delta`` is then computed as
+``(shift_b - shift_a) + (rel_mean_b - rel_mean_a)``, where the difference of two nearby float32
+numbers is exact, so it carries an error of eps*std, not eps*|mean|: merging many small states
+(the per-device states of a mesh, a few rows each) stays as accurate as one large batch.
 The Gram matrix uses the upper block-triangle only (3x3 or 4x4 column blocks for d >= 768), so it
 costs 2/3 or 5/8 of the 2*rows*d^2 FLOPs of X^T X. Inside one update, rows are processed in
 chunks of ``_CHUNK`` rows (concatenate, centre, mask, Gram, add), so no centred copy of the whole
 batch is written. The matmuls run at Precision.HIGHEST, so GPUs and TPUs do not silently use
 TF32/bf16.
 
-Data parallelism. With ``mesh`` given, ``update`` runs as ``jax.jit(jax.shard_map(...))``. The
-batch's leading axis is sharded over the mesh axis ``data``. Each device reduces its rows, and
-``psum`` combines count, sum, correction and Gram, so every device ends up with the same
-replicated state. The devices centre on the *global* batch mean (one extra ``psum`` of a
-d-vector), which makes the sharded update the same two-pass computation as the single-device
-one. A batch size B that is not divisible by the number of devices is zero-padded inside the jit
-with a row mask; masked rows have zero weight everywhere, including min/max and the finiteness
-check. An explicit ``mask`` (B,) can also be passed, e.g. the one from
-``kernels.sharding.pad_batch`` on multi-host.
+Data parallelism. With ``mesh`` given, the state holds one partial state per device of the
+``data`` axis (every leaf gets a leading axis of that size, sharded over ``data``), and
+``update`` runs as ``jax.jit(jax.shard_map(...))`` with the batch's leading axis sharded the same
+way: each device folds its own rows into its own partial state, with no communication at all.
+The partial states are combined once, by ``combined`` / ``finalize`` (Chan et al.'s formula
+below, as a balanced tree over the devices), instead of all-reducing count, mean, Gram and
+min/max after every batch: on XLA:CPU one all-reduce per space and batch cost more than the
+parallel forward passes saved, and on accelerators the per-batch collectives would sit on the
+critical path of every step. A batch size B that is not divisible by the number of devices is
+zero-padded inside the jit with a row mask; masked rows have zero weight everywhere, including
+min/max and the finiteness check (a device holding only padding contributes an empty state). An
+explicit ``mask`` (B,) can also be passed, e.g. the one from ``kernels.sharding.pad_batch`` on
+multi-host.
 
-XLA:CPU meshes. With several CPU devices in one process, ``update`` waits for its inputs and its
-result (``block_until_ready``), so at most one sharded update is in flight. Without this, async
-dispatch can deadlock: XLA:CPU runs every device's part of a multi-device program on one client
-thread pool of ``max(cores, devices)`` threads (8 threads for 8 fake devices on 2 cores). The
-launch task for each device first takes a slot of that device's in-flight semaphore (32
-computations). If the host runs ahead by more than 32 computations on a device (streamed updates
-and forward passes), a launch task blocks on the semaphore while holding a pool thread. The
-running all-reduce then gets only 7 of its 8 participant threads, and XLA aborts after 40 s
-("Expected 8 threads to join the rendezvous, but only 7 of them arrived"). On GPU/TPU nothing
-changes.
+XLA:CPU meshes. Only the final combination communicates; with several CPU devices in one
+process, ``combined`` waits for its input and its result (``block_until_ready``). XLA:CPU runs
+every device's part of a multi-device program on one client thread pool of
+``max(cores, devices)`` threads (8 threads for 8 fake devices on 2 cores). The launch task for
+each device first takes a slot of that device's in-flight semaphore (32 computations). If the
+host runs ahead by more than 32 computations on a device while a program with a collective is
+running, a launch task blocks on the semaphore while holding a pool thread, the all-reduce gets
+only 7 of its 8 participant threads, and XLA aborts after 40 s ("Expected 8 threads to join the
+rendezvous, but only 7 of them arrived"). Updates have no collective, so they may run ahead.
+On GPU/TPU nothing waits.
 
 Accuracy (float32 accumulation). Per batch, the error of M2 relative to the scale of the data is
 about eps*sqrt(rows), and it does *not* grow with |mean|/std. Sequential merging of K batches adds
@@ -69,9 +78,9 @@ feature inside the jitted update at no extra cost: the flag is ``isfinite`` of t
 ``finalize`` then raises a ValueError that names the feature space. There is no host sync per
 update (except the wait on XLA:CPU meshes above).
 
-Compiled functions: one ``update`` per (input shapes, dtypes, mask given, mesh), one ``merge`` and
-one ``finalize`` per d. ``update`` donates the incoming state, so do not reuse a state after
-passing it to ``update``.
+Compiled functions: one ``update`` per (input shapes, dtypes, mask given, mesh), one ``merge``,
+one ``combined`` and one ``finalize`` per d (and number of partial states). ``update`` donates
+the incoming state, so do not reuse a state after passing it to ``update``.
 """
 
 import math
@@ -83,11 +92,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .checks import check_dtype, check_finite_array
-from .sharding import DATA, constrain, data_size, replicate
+from .sharding import DATA, constrain, data_size
 
 _CLAMP = 1e-7  # ZipIt's compute_correlation: clamp(sd sd^T, min=1e-7)
 # Rows per Gram call inside one update. Measured: 1024-2048 is 1.2-1.4x faster than one call
@@ -113,9 +122,14 @@ class Moments(NamedTuple):
 class FeatureStats(NamedTuple):
     """Streaming accumulator state (a pytree) for d features.
 
+    A state made for a mesh (``init(d, mesh)``) holds one partial state per device of its
+    ``data`` axis: every leaf below gets a leading axis of that size K, sharded over ``data``
+    (count (K,), shift (K, d), m2 (K, d, d), ...); ``combined`` reduces it to one state.
+
     Attributes:
       count: () int32, the number of rows seen.
-      mean: (d,) float32 running mean.
+      shift: (d,) float32 reference point: the first batch's (rounded) mean, 0 before any row.
+      rel_mean: (d,) float32 running mean minus ``shift`` (small: see the module docstring).
       m2: (d, d) float32 centred sum of outer products, sum_r (x_r - mean)(x_r - mean)^T.
       fmin: (d,) float32 per-feature minimum (+inf before any row).
       fmax: (d,) float32 per-feature maximum (-inf before any row). fmin == fmax marks constant
@@ -124,7 +138,8 @@ class FeatureStats(NamedTuple):
     """
 
     count: jax.Array
-    mean: jax.Array
+    shift: jax.Array
+    rel_mean: jax.Array
     m2: jax.Array
     fmin: jax.Array
     fmax: jax.Array
@@ -132,24 +147,46 @@ class FeatureStats(NamedTuple):
 
     @classmethod
     def init(cls, dim: int, mesh: Mesh | None = None) -> "FeatureStats":
-        """Empty state for ``dim`` features (replicated on ``mesh`` if given, so that the first
-        ``update`` can donate it in place)."""
+        """Empty state for ``dim`` features; with ``mesh``, one empty partial state per device of
+        its ``data`` axis, already sharded, so that the first ``update`` can donate it in place."""
         if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
             raise ValueError(f"FeatureStats.init: dim must be an integer >= 1, got {dim!r}")
         state = cls(
             count=jnp.zeros((), jnp.int32),
-            mean=jnp.zeros((dim,), jnp.float32),
+            shift=jnp.zeros((dim,), jnp.float32),
+            rel_mean=jnp.zeros((dim,), jnp.float32),
             m2=jnp.zeros((dim, dim), jnp.float32),
             fmin=jnp.full((dim,), jnp.inf, jnp.float32),
             fmax=jnp.full((dim,), -jnp.inf, jnp.float32),
             finite=jnp.ones((dim,), bool),
         )
-        return replicate(state, mesh)
+        if mesh is None:
+            return state
+        k = data_size(mesh)
+        return jax.device_put(jax.tree.map(lambda a: jnp.broadcast_to(a, (k, *a.shape)), state),
+                              NamedSharding(mesh, P(DATA)))
 
     @property
     def dim(self) -> int:
         """Number of features d."""
-        return int(self.mean.shape[0])
+        return int(self.shift.shape[-1])
+
+    @property
+    def partial(self) -> bool:
+        """True for a state of per-device partial states (made with a mesh)."""
+        return self.count.ndim == 1
+
+    def combined(self) -> "FeatureStats":
+        """One state of all rows: the per-device partial states of a mesh state merged (Chan et
+        al., a balanced tree over the devices), replicated over the mesh; ``self`` unchanged if
+        it is already one state."""
+        if not self.partial:
+            return self
+        mesh = _mesh_of(self.count)
+        if not _cpu_collectives(mesh):
+            return _combine_jit(self, mesh)
+        # The only collective of a stream: let no launch hold a pool thread while it runs.
+        return jax.block_until_ready(_combine_jit(jax.block_until_ready(self), mesh))
 
     def update(self, features, mesh: Mesh | None = None, mask=None) -> "FeatureStats":
         """Fold a batch into the state. The state is donated, so do not reuse ``self`` afterwards.
@@ -159,11 +196,12 @@ class FeatureStats(NamedTuple):
             leading shapes (one per model), concatenated along the last axis
             (sum_i d_i == self.dim). Any float dtype; accumulated in float32. Host numpy arrays
             or jax arrays; on multi-host, pass global arrays from ``sharding.shard_batch``.
-          mesh: a mesh with a ``data`` axis to shard B over, or None for the default device.
+          mesh: a mesh with a ``data`` axis to shard B over (the state must have been made for
+            it), or None for the default device (a one-state state).
           mask: optional (B,) bool; False examples (all their rows) are ignored.
 
         Returns:
-          The new state (replicated over ``mesh`` if given).
+          The new state (per-device partial states over ``mesh`` if given).
         """
         xs = _as_features(features)
         width = sum(x.shape[-1] for x in xs)
@@ -171,22 +209,26 @@ class FeatureStats(NamedTuple):
             raise ValueError(f"features have {width} channels in total, state has {self.dim}")
         if mask is not None and tuple(np.shape(mask)) != (xs[0].shape[0],):
             raise ValueError(f"mask must have shape ({xs[0].shape[0]},), got {np.shape(mask)}")
-        if not _cpu_collectives(mesh):
-            return _update(self, xs, mask, mesh=mesh)
-        # XLA:CPU with several local devices: keep at most one sharded update in flight (see
-        # the module docstring), so no launch can block on the per-device in-flight limit.
-        xs, mask = jax.block_until_ready((xs, mask))
-        return jax.block_until_ready(_update(self, xs, mask, mesh=mesh))
+        want = None if mesh is None else data_size(mesh)
+        have = int(self.count.shape[0]) if self.partial else None
+        if want != have:
+            made = f"for a mesh of {have} devices" if have else "without a mesh"
+            raise ValueError(f"FeatureStats.update: the state was made {made}, but mesh="
+                             f"{'None' if mesh is None else f'a mesh of {want} devices'}; "
+                             "pass the mesh given to FeatureStats.init")
+        return _update(self, xs, mask, mesh=mesh)
 
     def merge(self, other: "FeatureStats") -> "FeatureStats":
         """Combine two states of disjoint row sets (Chan et al.). ``self`` is donated.
 
         Args:
-          other: a state with the same d.
+          other: a state with the same d (and, for partial states, the same mesh).
 
         Returns:
           The state of the union of both row sets.
         """
+        if self.partial != other.partial:
+            self, other = self.combined(), other.combined()
         return _merge_jit(self, other)
 
     def finalize(self, name: str | None = None,
@@ -205,6 +247,7 @@ class FeatureStats(NamedTuple):
           ValueError: if no rows were accumulated, or if any feature saw a non-finite value.
         """
         where = f"feature space {name!r}" if name is not None else "feature space"
+        self = self.combined()
         if int(_host(self.count)) == 0:
             raise ValueError(f"{where}: no rows were accumulated")
         finite = _host(self.finite)
@@ -303,6 +346,15 @@ def _as_features(features) -> tuple:
     return xs
 
 
+def _mesh_of(x: jax.Array) -> Mesh:
+    """The mesh a partial state's leaf is sharded over."""
+    sharding = x.sharding
+    if not isinstance(sharding, NamedSharding):
+        raise ValueError("FeatureStats: a partial (per-device) state must stay sharded over its "
+                         f"mesh, got a leaf with sharding {sharding}")
+    return sharding.mesh
+
+
 def _cpu_collectives(mesh: Mesh | None) -> bool:
     """True if a sharded update on ``mesh`` runs XLA:CPU collectives over several local devices."""
     return (mesh is not None and len(mesh.local_devices) > 1
@@ -342,19 +394,18 @@ def _gram(x: jax.Array) -> jax.Array:
     return jnp.concatenate(rows, axis=0)
 
 
-def _moments(xs: tuple, mask: jax.Array, axis: str | None) -> FeatureStats:
-    """State of one batch: xs (b, ..., d_i) per model, mask (b,) bool; ``axis`` = mesh axis
-    to reduce over (inside shard_map) or None."""
-    psum = (lambda v: lax.psum(v, axis)) if axis else (lambda v: v)
+def _moments(xs: tuple, mask: jax.Array) -> FeatureStats:
+    """State of one batch (or of one device's rows of it): xs (b, ..., d_i) per model, mask (b,)
+    bool."""
     flat = [a.reshape(-1, a.shape[-1]) for a in xs]  # free reshapes; models stay separate
     # Every position of the middle axes is a row and inherits its example's mask.
     valid = jnp.broadcast_to(mask.reshape((-1,) + (1,) * (xs[0].ndim - 2)), xs[0].shape[:-1])
     valid = valid.reshape(-1, 1)
-    n = psum(jnp.sum(valid, dtype=jnp.int32))
+    n = jnp.sum(valid, dtype=jnp.int32)
     nf = jnp.maximum(n, 1).astype(jnp.float32)
-    # Pass 1 (a cheap reduction): the global batch mean to centre on.
-    total = psum(jnp.concatenate(
-        [jnp.sum(jnp.where(valid, f.astype(jnp.float32), 0.0), axis=0) for f in flat]))
+    # Pass 1 (a cheap reduction): the batch mean to centre on.
+    total = jnp.concatenate(
+        [jnp.sum(jnp.where(valid, f.astype(jnp.float32), 0.0), axis=0) for f in flat])
     mean0 = total / nf
 
     def chunk(start, size):
@@ -381,26 +432,55 @@ def _moments(xs: tuple, mask: jax.Array, axis: str | None) -> FeatureStats:
     sum_c, gram, fmin, fmax = acc
     # mean0 carries the float32 error of a sum of large numbers; c (small) corrects it exactly
     # in the algebra: sum (x - m0 - c)(x - m0 - c)^T = Xc^T Xc - n c c^T.
-    c = psum(sum_c) / nf
-    m2 = psum(gram) - nf * (c[:, None] * c[None, :])
-    if axis:
-        fmin, fmax = lax.pmin(fmin, axis), lax.pmax(fmax, axis)
-    # NaN/inf anywhere in a feature's rows (on any device) makes its global sum non-finite.
-    return FeatureStats(n, mean0 + c, m2, fmin, fmax, jnp.isfinite(total))
+    c = sum_c / nf
+    m2 = gram - nf * (c[:, None] * c[None, :])
+    # NaN/inf anywhere in a feature's rows makes its sum non-finite.
+    return FeatureStats(n, mean0, c, m2, fmin, fmax, jnp.isfinite(total))
 
 
 def _merge(a: FeatureStats, b: FeatureStats) -> FeatureStats:
     """Chan et al.'s parallel combination of two disjoint row sets."""
     n = a.count + b.count
     wb = b.count.astype(jnp.float32) / jnp.maximum(n, 1).astype(jnp.float32)
-    delta = b.mean - a.mean
+    # The shifts are float32 numbers close to each other: their difference is (nearly) exact.
+    delta = (b.shift - a.shift) + (b.rel_mean - a.rel_mean)
     # n_a n_b / n written as n_a * (n_b / n) so nothing overflows or loses range.
     m2 = a.m2 + b.m2 + (a.count.astype(jnp.float32) * wb) * (delta[:, None] * delta[None, :])
-    return FeatureStats(n, a.mean + delta * wb, m2, jnp.minimum(a.fmin, b.fmin),
-                        jnp.maximum(a.fmax, b.fmax), a.finite & b.finite)
+    # An empty `a` takes b's shift and mean as they are (a's zero shift would cost precision).
+    empty = a.count == 0
+    return FeatureStats(n, jnp.where(empty, b.shift, a.shift),
+                        jnp.where(empty, b.rel_mean, a.rel_mean + delta * wb), m2,
+                        jnp.minimum(a.fmin, b.fmin), jnp.maximum(a.fmax, b.fmax),
+                        a.finite & b.finite)
 
 
-_merge_jit = jax.jit(_merge, donate_argnums=0)
+def _merge_any(a: FeatureStats, b: FeatureStats) -> FeatureStats:
+    """`_merge` of two states, or device by device of two partial states."""
+    return jax.vmap(_merge)(a, b) if a.count.ndim else _merge(a, b)
+
+
+_merge_jit = jax.jit(_merge_any, donate_argnums=0)
+
+
+def _merge_halves(state: FeatureStats) -> FeatureStats:
+    """K partial states -> ceil(K / 2): state i merged with state i + K // 2 (an odd last one
+    kept as it is)."""
+    k = state.count.shape[0]
+    half = k // 2
+    first = jax.tree.map(lambda a: a[:half], state)
+    second = jax.tree.map(lambda a: a[half:2 * half], state)
+    rest = jax.tree.map(lambda a: a[2 * half:], state)
+    return jax.tree.map(lambda m, r: jnp.concatenate([m, r]), jax.vmap(_merge)(first, second),
+                        rest)
+
+
+@partial(jax.jit, static_argnames=("mesh",))
+def _combine_jit(state: FeatureStats, mesh: Mesh) -> FeatureStats:
+    """The K partial states (leading axis) merged as a balanced tree, replicated on ``mesh``."""
+    state = constrain(state, mesh, P())  # one all-gather of the K partial states
+    while state.count.shape[0] > 1:
+        state = _merge_halves(state)
+    return jax.tree.map(lambda a: a[0], state)
 
 
 @partial(jax.jit, static_argnames=("mesh",), donate_argnums=0)
@@ -409,21 +489,26 @@ def _update(state: FeatureStats, xs: tuple, mask, mesh: Mesh | None) -> FeatureS
     b = xs[0].shape[0]
     mask = jnp.ones((b,), bool) if mask is None else jnp.asarray(mask, bool)
     if mesh is None:
-        return _merge(state, _moments(xs, mask, None))
+        return _merge(state, _moments(xs, mask))
     k = data_size(mesh)
+    if state.count.shape != (k,):
+        raise ValueError(f"FeatureStats.update: state of {state.count.shape} partial states for a "
+                         f"mesh of {k} devices")
     bp = -(-b // k) * k
     if bp != b:
         # Arrays are evenly sharded: pad B to a multiple of the data axis with masked-out zeros.
         xs = tuple(jnp.pad(x, [(0, bp - b)] + [(0, 0)] * (x.ndim - 1)) for x in xs)
         mask = jnp.pad(mask, (0, bp - b))
     xs, mask = constrain((xs, mask), mesh)
-    state = constrain(state, mesh, P())
+    state = constrain(state, mesh)
 
     def step(state, xs, mask):
-        return _merge(state, _moments(xs, mask, DATA))
+        # this device's partial state (leading axis 1 here) and rows: no communication
+        local = jax.tree.map(lambda a: a[0], state)
+        return jax.tree.map(lambda a: a[None], _merge(local, _moments(xs, mask)))
 
-    return jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)), out_specs=P())(
-        state, xs, mask)
+    return jax.shard_map(step, mesh=mesh, in_specs=(P(DATA), P(DATA), P(DATA)),
+                         out_specs=P(DATA))(state, xs, mask)
 
 
 @jax.jit
@@ -435,4 +520,4 @@ def _finalize(state: FeatureStats) -> Moments:
     # Exactly constant features have zero variance; zero their rows so roundoff cannot leak in.
     constant = state.fmin == state.fmax
     cov = jnp.where(constant[:, None] | constant[None, :], 0.0, cov)
-    return Moments(state.mean, cov, covariance_to_correlation(cov))
+    return Moments(state.shift + state.rel_mean, cov, covariance_to_correlation(cov))

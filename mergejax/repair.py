@@ -100,17 +100,25 @@ def reset_batch_stats(model: Model, variables: Variables, batches: Iterable[np.n
     mesh = distributed.mesh()
     fn = batch_stats_fn(model, mesh, stacked=stacked)
     on_mesh = distributed.replicate(variables, mesh)
-    acc: dict = {}  # layer path -> (total weight, weighted mean sum, weighted var sum)
+    # Results are read back only at the end (a few (C,) vectors per batch), so the host prepares
+    # the next batch while the devices run; on CPU meshes at most two batches are in flight
+    # (`distributed.wait` on the one before: the train-mode forward has collectives).
+    pending = []
     for x in batches:
         xs, mask = distributed.put_batch(np.asarray(x), mesh)
-        stats, positions = distributed.to_host(fn(on_mesh, xs, mask))
+        pending.append((len(x), fn(on_mesh, xs, mask)))
+        if len(pending) > 1:
+            distributed.wait(pending[-2][1], mesh)
+    acc: dict = {}  # layer path -> (total weight, weighted mean sum, weighted var sum)
+    for size, result in pending:
+        stats, positions = distributed.to_host(result)
         flat = traverse_util.flatten_dict(stats)
         for path, value in flat.items():
             layer, leaf = path[:-1], path[-1]
             if leaf != "mean":
                 continue
             add_batch_moments(acc, layer, value, flat[(*layer, "var")],
-                              int(positions[layer]) * len(x), len(x), estimator)
+                              int(positions[layer]) * size, size, estimator)
     return {**variables, "batch_stats": combined_batch_stats(acc)}
 
 

@@ -7,7 +7,8 @@ result holds the within- and cross-model covariance/correlation of the N*n featu
 Each batch's forward pass of every endpoint and the statistics update of every space run in one
 compiled program (the taps never leave it). With several devices the batch is sharded over the
 `data` axis of the run's mesh (`mergejax.distributed`: all devices of all processes, padded rows
-masked), the endpoints and states replicated, and the kernel `psum`s the per-device moments.
+masked), the endpoints replicated, and every device folds its rows into its own partial state;
+the partial states are combined once, at the end (`FeatureStats.combined`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def fused_step_fn(model: Model, space_taps: tuple[tuple[str, str], ...],
     """jit fn(states, endpoints, x, mask) -> states: one batch's forward of every endpoint and
     the statistics update of every space, in one compiled program (the taps never leave it;
     the states are donated). `mesh` None: one device; else x (B, ...) and mask (B,) or None
-    come sharded over its `data` axis and the states stay replicated."""
+    come sharded over its `data` axis and the states are per-device partial states
+    (`FeatureStats.init(d, mesh)`): the program has no collective."""
 
     def step(states, endpoints, x, mask=None):
         outs = [model.features(v, x)[1] for v in endpoints]
@@ -63,8 +65,10 @@ def collect(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
       batches: image batches (B, H, W, C); conv features count every spatial position.
       spaces: spaces to collect (default: all spaces with a tap).
       mesh: a mesh with a `data` axis. Default: the run's mesh (`mergejax.distributed.mesh()`);
-        a one-device mesh runs the unsharded program (CPU meshes keep one sharded step in
-        flight, which avoids an XLA:CPU thread-pool deadlock; see `distributed.wait`).
+        a one-device mesh runs the unsharded program. On a mesh, every device keeps its own
+        partial statistics and the step has no collective (each device's forward and update
+        see only its rows), so the host never waits for a step; the partial states are
+        combined once, at the end.
 
     Raises:
       ValueError naming the tap when an activation is NaN or infinite.
@@ -82,7 +86,7 @@ def collect(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
     seen = 0
     for x in batches:
         x, mask = distributed.put_batch(np.asarray(x), mesh) if sharded else (x, None)
-        states = distributed.wait(step(states, endpoints, x, mask), mesh)
+        states = step(states, endpoints, x, mask)
         seen += 1
     if not seen:
         raise ValueError("statistics need at least one batch of images")

@@ -41,3 +41,30 @@ def test_fused_one_device_step_equals_the_sharded_path(name, kwargs, shape):
             np.testing.assert_allclose(np.asarray(getattr(got[space], field)),
                                        np.asarray(getattr(want[space], field)),
                                        rtol=1e-5, atol=1e-6, err_msg=f"{space} {field}")
+
+
+def test_sharded_step_has_no_collective_and_keeps_one_state_per_device():
+    # Why collect never waits for a step on CPU meshes: with no all-reduce in the program, a
+    # launch blocked behind the in-flight limit cannot starve a collective of its threads.
+    import re
+
+    from mergejax import distributed
+
+    model = models.create("resnet20", num_classes=3, width=1)
+    spec = specs.for_model(model)
+    x = np.zeros((16, 8, 8, 3), np.float32)
+    endpoints = [model.init(jax.random.key(i), x[:1]) for i in range(2)]
+    mesh = data_mesh()
+    wanted = [s for s in spec.spaces if s.tap is not None]
+    states = {s.name: FeatureStats.init(2 * s.width, mesh) for s in wanted}
+    step = fused_step_fn(model, tuple((s.name, s.tap) for s in wanted), mesh)
+    xs, mask = distributed.put_batch(x, mesh)
+    hlo = step.lower(states, distributed.replicate(endpoints, mesh), xs, mask).compile().as_text()
+    assert not re.search(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute",
+                         hlo)
+    out = step(states, distributed.replicate(endpoints, mesh), xs, mask)
+    for s in wanted:
+        assert out[s.name].count.shape == (mesh.devices.size,)
+        # 16 images of 8x8 (or the stage's smaller grid) split evenly over the devices
+        counts = np.asarray(out[s.name].count)
+        assert (counts == counts[0]).all() and counts.sum() > 0

@@ -57,8 +57,11 @@ def main(port: int, num_processes: int, process_id: int, out: str) -> None:
         gx, gmask = shard_batch((x, real), mesh)
         assert gx.shape[0] == x.shape[0] * num_processes and not gx.is_fully_addressable
         state = state.update(gx, mesh=mesh, mask=gmask)
+    # one partial state per device of all processes, combined into one replicated state
+    assert state.count.shape == (mesh.devices.size,)
+    state = state.combined()
     mean, cov, corr = state.finalize(name="multiprocess")
-    # The state is replicated: every local replica must hold the same numbers.
+    # The combined state is replicated: every local replica must hold the same numbers.
     for arr in (mean, cov, corr):
         shards = [np.asarray(s.data) for s in arr.addressable_shards]
         assert all(np.array_equal(shards[0], s) for s in shards[1:])
