@@ -394,18 +394,27 @@ def _gram(x: jax.Array) -> jax.Array:
     return jnp.concatenate(rows, axis=0)
 
 
-def _moments(xs: tuple, mask: jax.Array) -> FeatureStats:
+def _moments(xs: tuple, mask: jax.Array | None) -> FeatureStats:
     """State of one batch (or of one device's rows of it): xs (b, ..., d_i) per model, mask (b,)
-    bool."""
+    bool or None (every row counts: no masking work at all)."""
     flat = [a.reshape(-1, a.shape[-1]) for a in xs]  # free reshapes; models stay separate
-    # Every position of the middle axes is a row and inherits its example's mask.
-    valid = jnp.broadcast_to(mask.reshape((-1,) + (1,) * (xs[0].ndim - 2)), xs[0].shape[:-1])
-    valid = valid.reshape(-1, 1)
-    n = jnp.sum(valid, dtype=jnp.int32)
+    rows = flat[0].shape[0]
+    if mask is None:
+        valid = None
+        n = jnp.int32(rows)
+    else:
+        # Every position of the middle axes is a row and inherits its example's mask.
+        valid = jnp.broadcast_to(mask.reshape((-1,) + (1,) * (xs[0].ndim - 2)),
+                                 xs[0].shape[:-1]).reshape(-1, 1)
+        n = jnp.sum(valid, dtype=jnp.int32)
+
+    def where(v, a, fill):
+        return a if v is None else jnp.where(v, a, fill)
+
     nf = jnp.maximum(n, 1).astype(jnp.float32)
     # Pass 1 (a cheap reduction): the batch mean to centre on.
     total = jnp.concatenate(
-        [jnp.sum(jnp.where(valid, f.astype(jnp.float32), 0.0), axis=0) for f in flat])
+        [jnp.sum(where(valid, f.astype(jnp.float32), 0.0), axis=0) for f in flat])
     mean0 = total / nf
 
     def chunk(start, size):
@@ -413,16 +422,15 @@ def _moments(xs: tuple, mask: jax.Array) -> FeatureStats:
         # writing and re-reading a centred copy of the whole batch.
         xb = jnp.concatenate([lax.dynamic_slice_in_dim(f, start, size).astype(jnp.float32)
                               for f in flat], axis=1)
-        vb = lax.dynamic_slice_in_dim(valid, start, size)
-        xc = jnp.where(vb, xb - mean0, 0.0)
-        return (jnp.sum(xc, axis=0), _gram(xc), jnp.min(jnp.where(vb, xb, jnp.inf), axis=0),
-                jnp.max(jnp.where(vb, xb, -jnp.inf), axis=0))
+        vb = None if valid is None else lax.dynamic_slice_in_dim(valid, start, size)
+        xc = where(vb, xb - mean0, 0.0)
+        return (jnp.sum(xc, axis=0), _gram(xc), jnp.min(where(vb, xb, jnp.inf), axis=0),
+                jnp.max(where(vb, xb, -jnp.inf), axis=0))
 
     def add(p, q):
         return p[0] + q[0], p[1] + q[1], jnp.minimum(p[2], q[2]), jnp.maximum(p[3], q[3])
 
     # Pass 2, chunked over rows: sum of centred rows, their Gram, per-feature min/max.
-    rows = valid.shape[0]
     k, tail = divmod(rows, _CHUNK)
     acc = chunk(0, min(rows, _CHUNK))
     if k > 1:
@@ -487,7 +495,7 @@ def _combine_jit(state: FeatureStats, mesh: Mesh) -> FeatureStats:
 def _update(state: FeatureStats, xs: tuple, mask, mesh: Mesh | None) -> FeatureStats:
     """One streamed update: state merged with the moments of xs (B, ..., d_i) under mask (B,)."""
     b = xs[0].shape[0]
-    mask = jnp.ones((b,), bool) if mask is None else jnp.asarray(mask, bool)
+    mask = None if mask is None else jnp.asarray(mask, bool)
     if mesh is None:
         return _merge(state, _moments(xs, mask))
     k = data_size(mesh)
@@ -498,17 +506,18 @@ def _update(state: FeatureStats, xs: tuple, mask, mesh: Mesh | None) -> FeatureS
     if bp != b:
         # Arrays are evenly sharded: pad B to a multiple of the data axis with masked-out zeros.
         xs = tuple(jnp.pad(x, [(0, bp - b)] + [(0, 0)] * (x.ndim - 1)) for x in xs)
-        mask = jnp.pad(mask, (0, bp - b))
+        mask = jnp.pad(jnp.ones((b,), bool) if mask is None else mask, (0, bp - b))
     xs, mask = constrain((xs, mask), mesh)
     state = constrain(state, mesh)
 
-    def step(state, xs, mask):
+    def step(state, xs, mask=None):
         # this device's partial state (leading axis 1 here) and rows: no communication
         local = jax.tree.map(lambda a: a[0], state)
         return jax.tree.map(lambda a: a[None], _merge(local, _moments(xs, mask)))
 
-    return jax.shard_map(step, mesh=mesh, in_specs=(P(DATA), P(DATA), P(DATA)),
-                         out_specs=P(DATA))(state, xs, mask)
+    args = (state, xs) if mask is None else (state, xs, mask)
+    return jax.shard_map(step, mesh=mesh, in_specs=(P(DATA),) * len(args),
+                         out_specs=P(DATA))(*args)
 
 
 @jax.jit
