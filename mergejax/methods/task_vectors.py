@@ -12,7 +12,9 @@ Contents
 - exact magnitude top-k thresholds over the whole model (`global_thresholds`, the TIES paper /
   tall_masks granularity): the radix select of `mergejax.kernels.topk` (per tensor:
   `keep_topk`), its histograms summed leaf by leaf, or block by block over tensors streamed
-  from disk (`streamed_thresholds`, used by the out-of-core recipes);
+  from disk (`streamed_thresholds`, used by the out-of-core recipes; in one process a sampled
+  bracket counted on the host gives the same bits faster); per-tensor thresholds of large
+  leaves selected on the host (`tensor_thresholds`, `topk.kth_smallest_bits_np`);
 - the per-leaf merge kernel shared by TA / TIES / DARE / Breadcrumbs (`merge_leaves`) with the
   TIES sign election and disjoint merge (`elect_and_merge`);
 - one-bit-per-weight mask storage with `np.packbits` (`pack_masks`, `unpack_masks`), the TALL
@@ -320,6 +322,95 @@ def _hist_lo(base, models, aux, i, h, *, prep):
                       for t, x in enumerate(_prepped(base, models, aux, i, prep))])
 
 
+@partial(jax.jit, static_argnames=("prep", "t"))
+def _abs_bits_of(base, models, aux, i, *, prep, t):
+    return topk.abs_bits(_prepped(base, models, aux, i, prep)[t])
+
+
+def tensor_thresholds(base, members: Sequence, kth: int, *, prep: Prep = None, aux=None,
+                      i: int = 0) -> np.ndarray:
+    """(T,) int32 per-tensor trim thresholds of one leaf, selected on the host.
+
+    Model t keeps `abs_bits(tau_t) >= thr[t]`, thr[t] = `topk.kth_smallest_bits(
+    abs_bits(tau_t), kth)` bit for bit (`topk.kth_smallest_bits_np`: several times faster than
+    XLA:CPU's histograms from ~1M entries on). XLA forms each model's |tau| bits (after `prep`,
+    leaf index `i`, as `merge_leaves`) while numpy selects the previous model's; with the
+    partition's scratch buffer (shared by the models) at most three int32 copies of the leaf
+    exist at once. `kth` in [1, leaf size]; concrete inputs only.
+    """
+    def bits(t):  # without prep, tau_t needs only model t (no transfer of the others)
+        if prep is None:
+            return _abs_bits_of(base, (members[t],), aux, i, prep=None, t=0)
+        return _abs_bits_of(base, tuple(members), aux, i, prep=prep, t=t)
+
+    out = np.empty(len(members), np.int32)
+    scratch = np.empty(np.shape(members[0]), np.int32)  # pages touched only if partitioned
+    nxt = bits(0)
+    for t in range(len(members)):
+        cur, nxt = nxt, (bits(t + 1) if t + 1 < len(members) else None)
+        out[t] = topk.kth_smallest_bits_np(np.asarray(cur), kth, scratch=scratch)
+        del cur  # frees the device buffer before the next model's is formed
+    return out
+
+
+@partial(jax.jit, static_argnames=("stride",))
+def _sampled_bits(base, models, *, stride):
+    """(T, ceil(size / stride)) int32: abs_bits of every `stride`-th task-vector entry."""
+    b = None if base is None else base.ravel()[::stride]
+    return jnp.stack([topk.abs_bits(tau(b, m.ravel()[::stride])) for m in models])
+
+
+def _one_ahead(items: Iterable):
+    """Yields `items`, taking each next one (dispatching its kernels) before yielding the
+    current one: XLA computes the next block while the host works on this one."""
+    it, end = iter(items), object()
+    cur = next(it, end)
+    while cur is not end:
+        nxt = next(it, end)
+        yield cur
+        cur = nxt
+
+
+def _bracketed_thresholds(blocks: Blocks, rank: np.ndarray) -> np.ndarray | None:
+    """`streamed_thresholds` without histograms (no prep): the same bits, or None if the
+    sample misled a bracket (the caller then runs the histogram passes).
+
+    Pass 1 takes every `topk.SAMPLE_STRIDE`-th |tau| entry of each block (XLA reads ~0.2% of
+    the entries); each model's sorted sample gives a bracket (`topk.bracket`). Pass 2: XLA forms
+    one model's |tau| bits of a block while numpy counts the previous ones against their
+    bracket and keeps the few entries inside (`topk.bracket_counts`, cache-blocked). The
+    rank-th smallest is then read from the summed counts (`topk.bracket_pick`). Peak extra
+    memory: two blocks' int32 bits. XLA:CPU's two scatter-add histogram passes cost ~10 ns per
+    entry, this ~5 (bench/bench_topk.py).
+    """
+    active = [t for t in range(len(rank)) if rank[t] > 0]
+    parts, n = [], 0
+    for b, ms in blocks():
+        n += int(np.size(ms[0]))
+        parts.append(_sampled_bits(b, tuple(ms), stride=topk.SAMPLE_STRIDE))
+    if not parts or n == 0:
+        return None
+    sample = np.sort(np.concatenate(jax.device_get(parts), axis=1), axis=1)
+    del parts
+    brackets = {t: topk.bracket(sample[t], int(rank[t]), n) for t in active}
+    counts = {t: np.zeros(3, np.int64) for t in active}
+    inside: dict[int, list] = {t: [] for t in active}
+    bits = ((t, _abs_bits_of(b, (ms[t],), None, 0, prep=None, t=0))
+            for b, ms in blocks() for t in active)
+    for t, x in _one_ahead(bits):
+        c, ins = topk.bracket_counts(np.asarray(x), *brackets[t])
+        counts[t] += c
+        inside[t].append(ins)
+    out = np.zeros(len(rank), np.int32)
+    for t in active:
+        v = topk.bracket_pick(counts[t], np.concatenate(inside[t]), int(rank[t]),
+                              *brackets[t])
+        if v is None:
+            return None
+        out[t] = v
+    return out
+
+
 def _host_sum(arrays, chunk: int = 2) -> np.ndarray:
     """int64 sum of int32 device arrays, fetched `chunk` at a time: dispatch stays
     asynchronous within a chunk while at most `chunk` histograms wait in memory."""
@@ -349,10 +440,12 @@ def streamed_thresholds(blocks: Blocks, ranks: Sequence[int], *, prep: Prep = No
     pass sums the histograms of the high magnitude bits, a second those of the low bits inside
     the bin holding the rank-th smallest |tau|. Histograms are summed on the host in int64, so
     models beyond 2^31 entries are exact; the result never depends on how the entries are split
-    into blocks.
+    into blocks. Without `prep` and `reduce`, a sampled bracket and host counts give the same
+    bits about twice as fast (`_bracketed_thresholds`; the histograms only if a bracket misses).
 
     Args:
-      blocks: called twice (once per pass); block i is (base, members) with tau_t =
+      blocks: called once per pass (twice; four times if a sampled bracket misses); block i
+        is (base, members) with tau_t =
         `tau(base, members[t])`, then `prep(taus, aux, i)` if `prep` is given (leaf index i).
       ranks: (T,) 1-based rank (ascending |tau|, `topk.topk_kth`) of each model's threshold
         among all its entries; 0 keeps everything (threshold 0).
@@ -364,6 +457,10 @@ def streamed_thresholds(blocks: Blocks, ranks: Sequence[int], *, prep: Prep = No
     rank = np.asarray(ranks, np.int64)
     if not rank.any():
         return np.zeros(len(rank), np.int32)
+    if reduce is None and prep is None:  # one process, plain task vectors: no histograms
+        thr = _bracketed_thresholds(blocks, rank)
+        if thr is not None:
+            return thr
 
     def summed(parts, bins: int) -> np.ndarray:
         hist = _host_sum(parts)
@@ -551,9 +648,22 @@ def merge_leaves(models: Models, *, combine: str = "sum", trim: str | None = Non
         size = int(np.size(models.leaf(i)[1][0]))
         return jnp.full(T, topk.topk_kth(size, density), jnp.int32)
 
+    host_thr: dict[int, Any] = {}  # leaf -> (T,) thresholds, kept for the zero-sign re-run
+
     def run(i, zs):
-        return _merge_leaf(*models.leaf(i), aux, i, leaf_thr(i), w_j, lam_j, jnp.float32(zs),
-                           prep=prep, trim=trim_key, combine=combine_key, add_base=add)
+        base, members = models.leaf(i)
+        thr_i, key = leaf_thr(i), trim_key
+        if trim_key == "tensor" and topk.use_host_select(members[0]):
+            # large concrete leaf: exact thresholds on the host (same bits as the in-kernel
+            # select, several times faster), then the kernel applies them as given
+            if i not in host_thr:
+                base, members = jax.device_put((base, tuple(members)))  # one copy for both
+                kth = topk.topk_kth(int(np.size(members[0])), density)
+                host_thr[i] = jnp.asarray(tensor_thresholds(base, members, kth, prep=prep,
+                                                            aux=aux, i=i))
+            thr_i, key = host_thr[i], "global"
+        return _merge_leaf(base, members, aux, i, thr_i, w_j, lam_j, jnp.float32(zs),
+                           prep=prep, trim=key, combine=combine_key, add_base=add)
 
     results = stream(lambda i: run(i, 1.0), models.num_leaves)
     leaves = [r[0] for r in results]
