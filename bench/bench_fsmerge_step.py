@@ -32,6 +32,9 @@ interleaved):
 hand-written backward (two einsums on (B, T, heads, hd) and autodiff; equal to 1e-6): a before /
 after measurement of that change on the same machine.
 
+`--cpu-devices N` gives XLA N CPU devices, over which mergejax's step shards each batch (as
+over GPUs; XLA runs most of a program on one core otherwise).
+
 `--threads N` pins this process to N cores (`os.sched_setaffinity`, before JAX starts, so XLA's
 thread pool has N threads) and sets `torch.set_num_threads(N)`: both frameworks get the same
 cores. Figures and commands: bench/RESULTS.md.
@@ -59,6 +62,9 @@ def parse():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--attention", choices=("library", "einsum"), default="library",
                     help="the ViT's attention: the library's, or the previous einsum one")
+    ap.add_argument("--cpu-devices", type=int, default=0,
+                    help="XLA CPU devices (jax_num_cpu_devices; 0: JAX's default, 1): mergejax's "
+                         "step shards each batch over them, one per core")
     return ap.parse_args()
 
 
@@ -71,6 +77,9 @@ if ARGS is not None:  # before JAX starts: XLA sizes its thread pool from the af
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+if ARGS is not None and ARGS.cpu_devices:  # before JAX initialises its backend
+    jax.config.update("jax_num_cpu_devices", ARGS.cpu_devices)
 
 from mergejax import fsmerge, models, specs  # noqa: E402
 from mergejax.config_lib import load_config_file  # noqa: E402
@@ -331,7 +340,8 @@ def main():
         label, config = configs[key]
         rows.append((label, bench_model(label, config, args, torch)))
     print(f"\n{args.threads} core(s) for both (affinity {sorted(os.sched_getaffinity(0))}, torch "
-          f"threads {torch.get_num_threads()}); jax {jax.__version__}, torch "
+          f"threads {torch.get_num_threads()}, jax devices {jax.device_count()}); jax "
+          f"{jax.__version__}, torch "
           f"{torch.__version__}; batch {args.batch_size}, {2 * args.images} images, medians "
           f"of {args.reps} x {args.steps} steps; ViT attention {args.attention}; load average "
           f"{os.getloadavg()[0]:.1f}\n")

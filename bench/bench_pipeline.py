@@ -31,6 +31,7 @@ table and checks that both pipelines give the same zip matrices.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics as stats_lib
 import sys
@@ -46,9 +47,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 import zipit_reference as ref  # noqa: E402
 
 import mergejax as mj  # noqa: E402
-from mergejax import data, repair, specs  # noqa: E402
+from mergejax import data, distributed, repair, specs  # noqa: E402
 from mergejax import statistics as mj_statistics  # noqa: E402
 from mergejax.converters import to_torch  # noqa: E402
+from mergejax.kernels.sharding import data_mesh  # noqa: E402
 from mergejax.methods import get as get_method  # noqa: E402
 
 ALPHA, BETA = 0.5, 1.0
@@ -117,6 +119,12 @@ def torch_stages(state_dicts, batches, width):
                  "BN reset": reset}
 
 
+def _on_mesh(mesh, fn):
+    """Run a stage with `mesh` as the run's mesh (`mergejax.distributed.use_mesh`)."""
+    with distributed.use_mesh(mesh):
+        return fn()
+
+
 def run_stages(pipelines, reps):
     """Per pipeline and stage, (first call seconds, [later call seconds]). Stages run in order;
     the pipelines alternate rep by rep, so a change of machine load hits both alike."""
@@ -170,8 +178,15 @@ def main():
 
     mj_out, mj_stages = mergejax_stages(model, spec, endpoints, batches)
     t_out, t_stages = torch_stages(state_dicts, batches, args.width)
-    first, later = run_stages({"mergejax": mj_stages, "torch": t_stages}, args.reps)
-    (mj_first, t_first), (mj_later, t_later) = first.values(), later.values()
+    pipelines = {"mergejax": mj_stages, "torch": t_stages}
+    if jax.device_count() > 1:  # the same stages on one device, interleaved in the same run
+        one = data_mesh(jax.devices()[:1])
+        pipelines["mergejax, 1 device"] = {
+            name: functools.partial(_on_mesh, one, fn)
+            for name, fn in mergejax_stages(model, spec, endpoints, batches)[1].items()}
+    first, later = run_stages(pipelines, args.reps)
+    mj_first, t_first = first["mergejax"], first["torch"]
+    mj_later, t_later = later["mergejax"], later["torch"]
 
     same = all(np.array_equal(np.asarray(mj_out["transforms"][p][1]),
                               t_out["transforms"][p][1].numpy()) for p in ref.merge_points())
@@ -179,7 +194,7 @@ def main():
     print(f"ResNet-20 x{args.width}, 2 models, {len(images)} digits32 images (32x32x3) in "
           f"{len(batches)} batches of <= {args.batch_size}, 12 merge points; zipit alpha "
           f"{ALPHA}, beta {BETA}; jax {jax.__version__} ({jax.devices()[0].platform}, "
-          f"{jax.device_count()} device), torch {torch.__version__} "
+          f"{jax.device_count()} device(s)), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, load average {load}; "
           f"steady = median of {args.reps}; same zip matrices: {'yes' if same else 'NO'}\n")
     print("| stage | mergejax steady | torch steady | speed-up | mergejax first call "
@@ -194,6 +209,20 @@ def main():
               f"{_fmt(row[3])} |")
     print(f"| **total** | {_fmt(totals[0])} | {_fmt(totals[1])} | {totals[1] / totals[0]:.2f}x "
           f"| {_fmt(totals[2])} | {_fmt(totals[3])} |")
+    if "mergejax, 1 device" in later:
+        one = later["mergejax, 1 device"]
+        print(f"\nThe same run, mergejax on one of the {jax.device_count()} devices:\n")
+        print("| stage | mergejax, 1 device steady | torch steady | speed-up | "
+              f"{jax.device_count()} devices / 1 device |")
+        print("|---|---|---|---|---|")
+        total_one = 0.0
+        for name in mj_stages:
+            o_s = stats_lib.median(one[name])
+            m_s, t_s = stats_lib.median(mj_later[name]), stats_lib.median(t_later[name])
+            total_one += o_s
+            print(f"| {name} | {_fmt(o_s)} | {_fmt(t_s)} | {t_s / o_s:.2f}x | {o_s / m_s:.2f}x |")
+        print(f"| **total** | {_fmt(total_one)} | {_fmt(totals[1])} | "
+              f"{totals[1] / total_one:.2f}x | {total_one / totals[0]:.2f}x |")
     print(f"\n{time.perf_counter() - start:.1f} s")
 
 
