@@ -218,6 +218,22 @@ class FeatureStats(NamedTuple):
                              "pass the mesh given to FeatureStats.init")
         return _update(self, xs, mask, mesh=mesh)
 
+    def fold(self, features, mask=None) -> "FeatureStats":
+        """Traceable update, for use inside a caller's `jax.jit` / `jax.shard_map`: the state
+        merged with the moments of `features`, with no communication. Inside a `shard_map` over
+        `data`, `self` is this device's partial state (leading axis 1) and `features` this
+        device's rows: a mesh program whose forward and update both run per device.
+
+        Args:
+          features: as for `update` (arrays or a sequence of per-model arrays (b, ..., d_i)).
+          mask: optional (b,) bool; False examples are ignored.
+        """
+        xs = _as_features(features)
+        if self.partial:
+            local = jax.tree.map(lambda a: a[0], self)
+            return jax.tree.map(lambda a: a[None], _merge(local, _moments(xs, mask)))
+        return _merge(self, _moments(xs, mask))
+
     def merge(self, other: "FeatureStats") -> "FeatureStats":
         """Combine two states of disjoint row sets (Chan et al.). ``self`` is donated.
 
@@ -512,8 +528,7 @@ def _update(state: FeatureStats, xs: tuple, mask, mesh: Mesh | None) -> FeatureS
 
     def step(state, xs, mask=None):
         # this device's partial state (leading axis 1 here) and rows: no communication
-        local = jax.tree.map(lambda a: a[0], state)
-        return jax.tree.map(lambda a: a[None], _merge(local, _moments(xs, mask)))
+        return state.fold(xs, mask)
 
     args = (state, xs) if mask is None else (state, xs, mask)
     return jax.shard_map(step, mesh=mesh, in_specs=(P(DATA),) * len(args),

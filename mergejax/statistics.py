@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from mergejax import distributed
-from mergejax.kernels.sharding import data_size
+from mergejax.kernels.sharding import DATA, data_size
 from mergejax.kernels.statistics import FeatureStats, Moments
 from mergejax.models import Model, Variables
 from mergejax.specs import MergeSpec
@@ -47,11 +48,22 @@ def fused_step_fn(model: Model, space_taps: tuple[tuple[str, str], ...],
     (`FeatureStats.init(d, mesh)`): the program has no collective."""
 
     def step(states, endpoints, x, mask=None):
+        # on a mesh: this device's rows, endpoints and partial states (inside shard_map)
         outs = [model.features(v, x)[1] for v in endpoints]
-        return {s: states[s].update([o[t] for o in outs], mesh=mesh, mask=mask)
-                for s, t in space_taps}
+        return {s: states[s].fold([o[t] for o in outs], mask) for s, t in space_taps}
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    data = P(DATA)
+
+    def sharded(states, endpoints, x, mask=None):
+        # Forward and update per device, written per device (shard_map) rather than left to
+        # the SPMD partitioner: the same numbers, with no collective and less glue.
+        args = (states, endpoints, x) if mask is None else (states, endpoints, x, mask)
+        in_specs = (data, P(), data) if mask is None else (data, P(), data, data)
+        return jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=data)(*args)
+
+    return jax.jit(sharded, donate_argnums=0)
 
 
 def collect(model: Model, spec: MergeSpec, endpoints: Sequence[Variables],
