@@ -75,7 +75,7 @@ def ties(base, finetuned, *, key=None, lam: float = 1.0, density: float = 0.2,
 
     Unlike mergekit, no per-model weights: mergekit multiplies tau by its weight before the
     sign election (mergekit#474), which is not the paper's Algorithm 1.
-    Streams leaf by leaf (two histogram passes for the global thresholds, one merge pass).
+    Streams leaf by leaf (two passes for the exact global thresholds, one merge pass).
     """
     del key
     density, disjoint, lam = check_ties_options(density, disjoint, zero_sign, scope, lam)

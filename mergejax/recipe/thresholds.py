@@ -2,9 +2,10 @@
 
 The TIES paper (and tall_masks, mergejax's `ties(scope="global")`) keeps, per model, the top
 `density` fraction of |tau| over the *whole* flattened task vector. Out of core this is the
-radix select of `mergejax.methods.task_vectors.streamed_thresholds` (the one implementation,
-shared with the in-memory `ties`): two streaming sweeps over the tensors give the exact
-threshold (never an approximation); the merge pass then applies it (`trim_to_base`).
+select of `mergejax.methods.task_vectors.streamed_thresholds` (the one implementation, shared
+with the in-memory `ties`): two streaming sweeps over the tensors give the exact threshold (a
+sampled bracket counted on the host in one process; the radix histograms, summed over
+processes, otherwise; never an approximation); the merge pass then applies it (`trim_to_base`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ def global_thresholds(tensors: Blocks, densities: Sequence[float], total: int, *
     """(T,) int32 bit patterns: model t keeps `abs_bits(tau_t) >= thr[t]` over all tensors.
 
     Args:
-      tensors: called twice; each call yields (base, members) tensors (numpy or device arrays)
-        of every tensor or row block of one (tau_t = member_t - base in float32 or wider,
-        `mergejax.methods.task_vectors.tau`).
+      tensors: called twice (four times if a sampled bracket misses); each call yields
+        (base, members) tensors (numpy or device arrays) of every tensor or row block of one
+        (tau_t = member_t - base in float32 or wider, `mergejax.methods.task_vectors.tau`).
       densities: (T,) keep fraction per model in (0, 1]; 1 keeps all (threshold 0).
       total: number of entries of one model's task vector (all tensors).
       reduce: combines the histograms of processes that each stream a part of the tensors
