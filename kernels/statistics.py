@@ -76,7 +76,7 @@ correlation is clipped to [-1, 1] to remove ulp-level overshoot.
 Non-finite activations (NaN or +-inf, or a float32 overflow of the batch sum) are flagged per
 feature inside the jitted update at no extra cost: the flag is ``isfinite`` of the batch sum.
 ``finalize`` then raises a ValueError that names the feature space. There is no host sync per
-update (except the wait on XLA:CPU meshes above).
+update (the only wait is ``combined``'s on XLA:CPU meshes, above).
 
 Compiled functions: one ``update`` per (input shapes, dtypes, mask given, mesh), one ``merge``,
 one ``combined`` and one ``finalize`` per d (and number of partial states). ``update`` donates
@@ -513,11 +513,8 @@ def _update(state: FeatureStats, xs: tuple, mask, mesh: Mesh | None) -> FeatureS
     b = xs[0].shape[0]
     mask = None if mask is None else jnp.asarray(mask, bool)
     if mesh is None:
-        return _merge(state, _moments(xs, mask))
-    k = data_size(mesh)
-    if state.count.shape != (k,):
-        raise ValueError(f"FeatureStats.update: state of {state.count.shape} partial states for a "
-                         f"mesh of {k} devices")
+        return state.fold(xs, mask)
+    k = data_size(mesh)  # `update` checked that the state has k partial states
     bp = -(-b // k) * k
     if bp != b:
         # Arrays are evenly sharded: pad B to a multiple of the data axis with masked-out zeros.
