@@ -188,6 +188,7 @@ def _assert_close_bf16(got: dict, want: dict, ulps: int = 0):
 # --------------------------------------------------------------------------------------------
 
 W = (1.0, 0.5, 2.0)
+W_EQUAL = 0.5  # a power of two: scaling by it is exact, so either order of operations agrees
 MASK_LAMBDAS = (0.4, 0.6, 0.5)
 
 
@@ -195,10 +196,17 @@ def _recipe(llama, method):
     gta = {"base_model": llama["base"],
            "models": [{"model": llama[f"ft{i}"], "parameters": {"weight": W[i]}}
                       for i in range(3)]}
+    equal = {**gta, "models": [{"model": llama[f"ft{i}"], "parameters": {"weight": W_EQUAL}}
+                               for i in range(3)]}
     return {
         "ties_global": {"merge_method": "ties", **gta,
                         "parameters": {"density": 0.3, "lambda": 0.9, "scope": "global"}},
         "ties_tensor": {"merge_method": "ties", **gta, "parameters": {"density": 0.3}},
+        # equal weights: mergejax's own TIES election (the trim applied inside its kernel)
+        "ties_equal_tensor": {"merge_method": "ties", **equal,
+                              "parameters": {"density": 0.3, "normalize": False}},
+        "ties_equal_global": {"merge_method": "ties", **equal,
+                              "parameters": {"density": 0.3, "lambda": 0.9, "scope": "global"}},
         "dare": {"merge_method": "dare_linear", **gta,
                  "parameters": {"density": 0.6, "rescale": False, "lambda": 0.8}},
         "task_arithmetic": {"merge_method": "task_arithmetic", **gta,
@@ -230,6 +238,12 @@ def _want(llama, method):
                        scope="global")
     if method == "ties_tensor":
         return ref_gta(base, tuned, W, lam=1.0, normalize=True, consensus=True, density=0.3)
+    if method == "ties_equal_tensor":
+        return ref_gta(base, tuned, (W_EQUAL,) * 3, lam=1.0, normalize=False, consensus=True,
+                       density=0.3)
+    if method == "ties_equal_global":
+        return ref_gta(base, tuned, (W_EQUAL,) * 3, lam=0.9, normalize=True, consensus=True,
+                       density=0.3, scope="global")
     if method == "dare":
         masks = dare_masks(sorted(base), {k: v.shape for k, v in base.items()}, 0, 0.6, 3)
         return ref_gta(base, tuned, W, lam=0.8, normalize=False, consensus=False, masks=masks)
@@ -244,8 +258,9 @@ def _want(llama, method):
     return ref_slerp(tuned[0], tuned[1], 0.3)
 
 
-@pytest.mark.parametrize("method", ["ties_global", "ties_tensor", "dare", "task_arithmetic",
-                                    "linear", "slerp", "consensus_sum", "consensus_ties"])
+@pytest.mark.parametrize("method", ["ties_global", "ties_tensor", "ties_equal_tensor",
+                                    "ties_equal_global", "dare", "task_arithmetic", "linear",
+                                    "slerp", "consensus_sum", "consensus_ties"])
 def test_recipe_output_loads_in_transformers_and_equals_numpy(llama, tmp_path, method):
     import torch
     import transformers
@@ -267,7 +282,8 @@ def test_recipe_output_loads_in_transformers_and_equals_numpy(llama, tmp_path, m
         np.testing.assert_array_equal(sd[k].float().numpy(), _f32(v), err_msg=k)
 
 
-@pytest.mark.parametrize("method", ["ties_tensor", "ties_global", "linear", "consensus_ties"])
+@pytest.mark.parametrize("method", ["ties_tensor", "ties_global", "ties_equal_tensor",
+                                    "ties_equal_global", "linear", "consensus_ties"])
 def test_large_tensors_merged_in_row_blocks_give_the_same_result(llama, tmp_path, monkeypatch,
                                                                    method):
     """Blocks of 2 rows (every matrix split; ties' per-tensor threshold found over the
@@ -278,6 +294,26 @@ def test_large_tensors_merged_in_row_blocks_give_the_same_result(llama, tmp_path
     assert len(stream.row_blocks((16, 32), 2)) == 8
     R.run(R.parse(_recipe(llama, method)), tmp_path / "out")
     _assert_close_bf16(_read_dir(tmp_path / "out"), _want(llama, method))
+
+
+@pytest.mark.parametrize("method", ["ties_equal_tensor", "ties_equal_global"])
+def test_non_finite_input_of_a_blocked_ties_merge_is_named(llama, tmp_path, monkeypatch,
+                                                            method):
+    """The trim-in-kernel TIES path (row blocks, equal weights) checks its inputs too: a NaN,
+    which TIES' election could otherwise drop silently, is refused naming the tensor."""
+    from mergejax.recipe import stream
+
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 128)
+    name = "model.layers.1.mlp.up_proj.weight"
+    sd = dict(llama["sd:ft1"])
+    sd[name] = sd[name].copy()
+    sd[name][-1, 3] = np.nan  # in the last row block
+    _save_single(sd, tmp_path / "nan.safetensors")
+    raw = _recipe(llama, method)
+    raw["models"][1]["model"] = str(tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointInputError, match=f"{name!r}.*non-finite"):
+        R.run(R.parse(raw), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_global_trim_differs_from_per_tensor_and_needs_one_density(llama, tmp_path):

@@ -73,11 +73,8 @@ def merge_group(method: Method, base, members: list, g: Group, key):
                                   scope="tensor", weights=w)
     if method.name == "dare_linear" and uniform and equal_w:
         return _fn("dare")(base, members, key=key, p=1 - d, lam=lam * c / div, rescale=rescale)
-    if method.consensus and uniform and equal_w and c > 0:
-        # Equal positive weights c: mergekit's weighted election equals TIES' and its divisor
-        # (sum of agreeing weights) is c * count, so normalize is the disjoint mean.
-        ties = dict(disjoint="mean" if norm else "sum", zero_sign="positive",
-                    lam=lam if norm else lam * c)
+    ties = _ties_options(method, g)  # None unless TIES' election equals mergekit's here
+    if ties is not None:
         if method.name == "ties":
             return _fn("ties")(base, members, density=d, scope="tensor", **ties)
         if method.name == "dare_ties":
@@ -86,6 +83,42 @@ def merge_group(method: Method, base, members: list, g: Group, key):
         return _fn("breadcrumbs")(base, members, density=d, gamma=gamma, scope="tensor",
                                   merge="ties", **ties)
     return _merge_per_model(method, base, members, g, key)
+
+
+def _ties_options(method: Method, g: Group) -> dict | None:
+    """The keyword arguments (disjoint, zero_sign, lam) of mergejax's TIES election that
+    `merge_group` uses for a sign-electing group, or None when it merges the group per model
+    (several densities, or weights that are not one positive value)."""
+    p, w = g.params, [m["weight"] for m in g.model_params]
+    uniform = (len({m.get("density") for m in g.model_params}) == 1
+               and len({m.get("gamma") for m in g.model_params}) == 1)
+    if not (method.consensus and uniform and len(set(w)) == 1 and w[0] > 0):
+        return None
+    # Equal positive weights c: mergekit's weighted election equals TIES' and its divisor
+    # (sum of agreeing weights) is c * count, so normalize is the disjoint mean.
+    norm = p["normalize"]
+    return dict(disjoint="mean" if norm else "sum", zero_sign="positive",
+                lam=p["lambda"] if norm else p["lambda"] * w[0])
+
+
+def ties_block(method: Method, base, members: Sequence, g: Group, thr):
+    """One tensor (or row block) of a `ties` group with its trim thresholds given (`thr`: (T,)
+    int32 bit patterns from a streamed select), merged by the same kernel and options as
+    `merge_group` (`task_vectors.merge_block`): equal to trimming the members first and
+    merging with density 1, bit for bit, without writing the trimmed members. None when
+    `merge_group` would not call mergejax's `ties` on the group. Device arrays in, the merged
+    block (the base's dtype) out; ValueError naming the input that has NaN/inf entries."""
+    from mergejax.methods import task_vectors as tv
+
+    opts = _ties_options(method, g) if method.name == "ties" else None
+    if opts is None:
+        return None
+    named = [("the base", base)] + [(f"model {t}", m) for t, m in enumerate(members)]
+    for who, ok in zip((n for n, _ in named), [tv.all_finite(x) for _, x in named]):
+        if not bool(ok):
+            raise ValueError(f"ties: {who} has non-finite values (NaN or inf)")
+    return tv.merge_block(base, members, thresholds=thr, combine="ties-" + opts["disjoint"],
+                          zero_sign=1.0, lam=opts["lam"], add_base=True, signs=False)[0]
 
 
 def _merge_per_model(method: Method, base, members: list, g: Group, key):
@@ -221,7 +254,7 @@ def consensus_group(base: Mapping, members: Sequence[Mapping], g: Group, thr,
         fs = tuple(m[name] for m in members)
         mtv = tv.merge_block(b, fs, thresholds=thr if ties else None,
                              combine="ties-sum" if ties else "sum", zero_sign=zero_sign,
-                             add_base=False)[0]
+                             add_base=False, signs=False)[0]
         out[name] = consensus_leaf(b, fs, mtv, lams, int(p["k"]), jnp.float32(p["lambda"]))
     return out
 

@@ -48,6 +48,7 @@ from mergejax.recipe.execute import (
     sign_total,
     storage_dtype,
     stored,
+    ties_block,
     untrimmed,
 )
 from mergejax.recipe.hf_io import CheckpointInputError, Source
@@ -208,28 +209,17 @@ def _on_device(recipe: Recipe, array: np.ndarray):
     return compute_cast(recipe, jax.device_put(array))
 
 
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-@jax.jit
-def _bits_if_finite(value):
-    """(`value`'s bits as unsigned ints of the same width, True iff all of it is finite): one
-    pass; the bit view lets the host take the buffer without a copy (`np.from_dlpack` has no
-    bfloat16)."""
-    uint = _UINT[np.dtype(value.dtype).itemsize]
-    return jax.lax.bitcast_convert_type(value, uint), all_finite(value)
-
-
 def _stored_block(recipe: Recipe, name: str, merged, ref_dtype) -> np.ndarray:
-    """The merged block as stored (`execute.stored`, cast on the device), on the host (a view
-    of the device buffer); NonFiniteError (after the storage cast: an out_dtype that overflows
-    is caught too)."""
+    """The merged block as stored (`execute.stored`, cast on the device), on the host;
+    NonFiniteError (after the storage cast: an out_dtype that overflows is caught too).
+
+    `np.asarray` of a CPU device array is a view of its buffer, bfloat16 included (measured:
+    no copy), so the host reads the merged block only once more, to write it."""
     value = jax.numpy.asarray(stored(merged, recipe, ref_dtype))
-    bits, ok = _bits_if_finite(value)
-    if not bool(ok):
+    if not bool(all_finite(value)):
         raise NonFiniteError(f"merged tensor {name!r} has NaN/inf values; nothing was "
                              "written (check the inputs, and an out_dtype that overflows)")
-    return np.from_dlpack(bits).view(value.dtype)
+    return np.asarray(value)
 
 
 def _merge_one(recipe: Recipe, g: Group, thr, key, name: str,
@@ -267,6 +257,10 @@ def _merge_one(recipe: Recipe, g: Group, thr, key, name: str,
             parts.append(_stored_block(recipe, name, merged, ref_dtype))
             continue
         if thr is not None:
+            merged = ties_block(recipe.method, b, ms, g, thr)
+            if merged is not None:  # trimmed inside the merge kernel
+                parts.append(_stored_block(recipe, name, merged, ref_dtype))
+                continue
             ms = [trim_to_base(b, m, thr[t]) for t, m in enumerate(ms)]
         args = (recipe.method, None if b is None else {name: b}, [{name: m} for m in ms], g,
                 key)
