@@ -111,7 +111,7 @@ def main(argv):
     try:
         import jax
 
-        from mergejax import compile_cache
+        from mergejax.io import compile_cache
 
         cache = compile_cache.enable()  # before any compile; MERGEJAX_COMPILE_CACHE=off disables
         logging.info("compilation cache: %s", cache or "off")

@@ -155,7 +155,7 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--endpoints", default="", help="two checkpoints, comma-separated")
     parser.add_argument("--compile-cache", default="",
-                        help="JAX persistent compilation cache dir (mergejax.compile_cache), as "
+                        help="JAX persistent compilation cache dir (mergejax.io.compile_cache), as "
                              "launch.py uses; run twice to see a warm cache's first call")
     parser.add_argument("--cpu-devices", type=int, default=0,
                     help="XLA CPU devices (jax_num_cpu_devices; 0: JAX's default, 1): with one "
@@ -164,7 +164,7 @@ def main():
     if args.cpu_devices:  # before JAX initialises its backend
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.compile_cache:  # before the first compile of the process
-        from mergejax import compile_cache
+        from mergejax.io import compile_cache
 
         compile_cache.enable(args.compile_cache)
     start = time.perf_counter()

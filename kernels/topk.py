@@ -235,11 +235,14 @@ def bracket_counts(bits: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.n
         blk = b[i:i + _BLOCK]
         counts[0] += np.count_nonzero(blk < lo)
         counts[1] += np.count_nonzero(blk <= lo)
-        counts[2] += np.count_nonzero(blk <= hi)
+        if hi != lo:  # a plateau (lo == hi: bf16 task vectors) needs two counts, not three
+            counts[2] += np.count_nonzero(blk <= hi)
         if start is not None:
             d = diff[:len(blk)]
             np.subtract(blk, start, out=d)  # wraps modulo 2^32: the unsigned compare is exact
             inside.append(blk[d.view(np.uint32) < width])
+    if hi == lo:
+        counts[2] = counts[1]
     return counts, (np.concatenate(inside) if inside else b[:0].copy())
 
 

@@ -3,11 +3,11 @@
 import subprocess
 import sys
 
-from mergejax import compile_cache
+from mergejax.io import compile_cache
 
 SCRIPT = """
 import sys, numpy as np
-from mergejax import compile_cache
+from mergejax.io import compile_cache
 print(compile_cache.enable(sys.argv[1]))
 from mergejax.kernels import zip_match
 c = np.corrcoef(np.random.default_rng(0).normal(size=(64, 16)).T).astype(np.float32)

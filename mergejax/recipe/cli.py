@@ -117,6 +117,11 @@ def _main(argv: list[str]) -> int:
     args.out_dir = args.out_dir or args.out
     if not args.dry_run and not args.out_dir:
         raise UsageError("--out-dir is required (or pass --dry-run)")
+    from mergejax.io import compile_cache
+
+    # before the first compile: a later merge of the same shapes loads the merge kernels
+    # instead of compiling them (~2 s on a 7B-layout model); MERGEJAX_COMPILE_CACHE=off
+    compile_cache.enable()
     if args.distributed:
         processes.initialize(args.coordinator, args.num_processes, args.process_id)
     elif args.coordinator or args.num_processes is not None or args.process_id is not None:

@@ -333,7 +333,8 @@ def test_bracket_counts_open_ends_and_wide_brackets():
     x = rng.integers(0, 2**31 - 1, 5000, dtype=np.int32)
     i32 = np.iinfo(np.int32)
     for lo, hi in ((int(i32.min), int(i32.max)), (0, 0), (int(i32.min), int(x[5])),
-                   (int(x[9]), int(i32.max)), (int(np.min(x)), int(np.max(x)))):
+                   (int(x[9]), int(i32.max)), (int(np.min(x)), int(np.max(x))),
+                   (int(x[3]), int(x[3]))):  # a plateau bracket, lo == hi, on a present value
         counts, inside = topk.bracket_counts(x, lo, hi)
         np.testing.assert_array_equal(counts, [(x < lo).sum(), (x <= lo).sum(), (x <= hi).sum()])
         np.testing.assert_array_equal(np.sort(inside), np.sort(x[(x > lo) & (x < hi)]))
