@@ -35,9 +35,9 @@ from .checks import check_count, check_dtype, check_finite_array, check_number, 
 
 __all__ = [
     "HI_BINS", "HI_BITS", "HOST_SELECT_MIN", "LO_BINS", "SAMPLE_STRIDE", "abs_bits", "bracket",
-    "bracket_counts", "bracket_pick", "first_reaching", "high_histogram", "join_bits",
-    "keep_topk", "kth_smallest_bits", "kth_smallest_bits_np", "low_histogram", "topk_kth",
-    "use_host_select",
+    "bracket_class", "bracket_pick", "class_counts", "first_reaching", "high_histogram",
+    "join_bits", "keep_topk", "kth_smallest_bits", "kth_smallest_bits_np", "low_histogram",
+    "topk_kth", "use_host_select",
 ]
 
 # The 31 magnitude bits of a float32 split into a 15-bit high and a 16-bit low part.
@@ -53,6 +53,8 @@ HOST_SELECT_MIN = 1 << 18
 # of the two counts that confirm it (256 KB of int32: the second count reads it from L2).
 _SAMPLE = 1 << 16
 _BLOCK = 1 << 16
+# `class_counts`' cache block: 1 MB of int8 classes plus its mask.
+_CLASS_BLOCK = 1 << 20
 
 
 def topk_kth(n: int, density: float) -> int:
@@ -192,9 +194,10 @@ def _partition(b: np.ndarray, kth: int, scratch: np.ndarray | None = None) -> np
     return out[kth - 1]
 
 
-# The streamed select (`bracket`, `bracket_counts`, `bracket_pick`) over arrays that never sit
-# in one buffer: every SAMPLE_STRIDE-th entry of each block (prime: no aliasing with row
-# widths) forms the sample; ~0.2% of the entries, so its sort costs ~1% of a pass.
+# The streamed select (`bracket`, `bracket_class` + `class_counts`, `bracket_pick`) over
+# arrays that never sit in one buffer: every SAMPLE_STRIDE-th entry of each block (prime: no
+# aliasing with row widths) forms the sample; ~0.2% of the entries, so its sort costs ~1% of a
+# pass.
 SAMPLE_STRIDE = 509
 
 
@@ -217,39 +220,53 @@ def bracket(sample: np.ndarray, kth: int, n: int) -> tuple[int, int]:
     return lo, hi
 
 
-def bracket_counts(bits: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """One pass over `bits` (int32, any shape) for the bracket (lo, hi), lo <= hi.
+def bracket_class(bits, lo, hi):
+    """int8 class of every entry of `bits` (int32 patterns, any shape; traced) against the
+    bracket (lo, hi), lo <= hi: (bits >= lo) + (bits > lo) + (bits >= hi) + (bits > hi), so 0
+    below lo, 1 at lo, 2 strictly inside, 3 at hi, 4 above hi; where lo == hi an entry at
+    lo is 2. One byte per entry: the class array is a quarter of the bits' size, so forming it
+    on the device costs a quarter of their memory traffic (`class_counts` reads it)."""
+    one = lambda c: c.astype(jnp.int8)  # noqa: E731
+    return one(bits >= lo) + one(bits > lo) + one(bits >= hi) + one(bits > hi)
 
-    Returns ((3,) int64 counts [#(< lo), #(<= lo), #(<= hi)], the entries strictly between lo
-    and hi (int32, a copy)). Additive over the blocks of a larger array (sum the counts,
-    concatenate the entries). Cache-blocked: the counts and the gather read each block from
-    L2, so the pass costs little more than one read of `bits`.
+
+def class_counts(classes: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over `bracket_class` output (int8, any shape) for the bracket (lo, hi).
+
+    Returns ((3,) int64 counts [#(< lo), #(<= lo), #(<= hi)], the flat indices of the entries
+    strictly between lo and hi (int64; empty when lo == hi)). Additive over the blocks of a
+    larger array (sum the counts; the caller reads the inside entries' values). Cache-blocked
+    with one reused mask, so no array of the block's size is allocated.
     """
-    b = np.ascontiguousarray(bits, np.int32).ravel()
-    counts = np.zeros(3, np.int64)
+    c = np.ascontiguousarray(classes).ravel().view(np.int8)
+    plateau = lo == hi
+    below = at_lo = above = 0
     inside = []
-    width = np.uint32(max(hi - lo - 1, 0))  # lo < x < hi  <=>  uint32(x - lo - 1) < width
-    start = np.int32(lo + 1) if hi - lo > 1 else None
-    diff = np.empty(min(_BLOCK, b.size), np.int32)
-    for i in range(0, b.size, _BLOCK):
-        blk = b[i:i + _BLOCK]
-        counts[0] += np.count_nonzero(blk < lo)
-        counts[1] += np.count_nonzero(blk <= lo)
-        if hi != lo:  # a plateau (lo == hi: bf16 task vectors) needs two counts, not three
-            counts[2] += np.count_nonzero(blk <= hi)
-        if start is not None:
-            d = diff[:len(blk)]
-            np.subtract(blk, start, out=d)  # wraps modulo 2^32: the unsigned compare is exact
-            inside.append(blk[d.view(np.uint32) < width])
-    if hi == lo:
-        counts[2] = counts[1]
-    return counts, (np.concatenate(inside) if inside else b[:0].copy())
+    mask = np.empty(min(_CLASS_BLOCK, c.size), bool)
+    for i in range(0, c.size, _CLASS_BLOCK):
+        blk = c[i:i + _CLASS_BLOCK]
+        k = mask[:len(blk)]
+        # class 0 is the only zero: one SIMD count of the int8s, no compare
+        below_blk = len(blk) - np.count_nonzero(blk)
+        above_blk = np.count_nonzero(np.greater(blk, 3, out=k))
+        below += below_blk
+        above += above_blk
+        if plateau:  # classes 0, 2, 4 only: everything not above is at most lo
+            at_lo += len(blk) - above_blk
+            continue
+        at_lo += below_blk + np.count_nonzero(np.equal(blk, 1, out=k))
+        hit = np.flatnonzero(np.equal(blk, 2, out=k))
+        if hit.size:
+            inside.append(hit + i)
+    counts = np.array([below, at_lo, c.size - above], np.int64)
+    return counts, (np.concatenate(inside) if inside else np.zeros(0, np.int64))
 
 
 def bracket_pick(counts: np.ndarray, inside: np.ndarray, kth: int, lo: int,
                  hi: int) -> np.int32 | None:
-    """The `kth` smallest (1-based) from `bracket_counts` summed over all blocks, or None when
-    the bracket does not hold it (then select another way: the answer is exact or absent)."""
+    """The `kth` smallest (1-based) from `class_counts` summed over all blocks and the bit
+    patterns of the entries inside the bracket (int32), or None when the bracket does not hold
+    it (then select another way: the answer is exact or absent)."""
     below, at_lo, at_hi = (int(c) for c in counts)
     if below < kth <= at_lo:
         return np.int32(lo)

@@ -296,6 +296,17 @@ def test_large_tensors_merged_in_row_blocks_give_the_same_result(llama, tmp_path
     _assert_close_bf16(_read_dir(tmp_path / "out"), _want(llama, method))
 
 
+@pytest.mark.parametrize("method", ["ties_tensor", "ties_equal_tensor"])
+def test_one_block_tensors_trimmed_by_the_bracket_select(llama, tmp_path, monkeypatch, method):
+    """Tensors of one block from `topk.HOST_SELECT_MIN` entries on find their threshold with
+    the streamed bracket select, not the method's host select: the same result."""
+    from mergejax.kernels import topk
+
+    monkeypatch.setattr(topk, "HOST_SELECT_MIN", 64)
+    R.run(R.parse(_recipe(llama, method)), tmp_path / "out")
+    _assert_close_bf16(_read_dir(tmp_path / "out"), _want(llama, method))
+
+
 @pytest.mark.parametrize("method", ["ties_equal_tensor", "ties_equal_global"])
 def test_non_finite_input_of_a_blocked_ties_merge_is_named(llama, tmp_path, monkeypatch,
                                                             method):

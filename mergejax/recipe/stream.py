@@ -34,7 +34,7 @@ import yaml
 
 from mergejax.io.atomic import atomic_dir, temp_tag, with_temp_tag
 from mergejax.io.check import NonFiniteError
-from mergejax.kernels import processes
+from mergejax.kernels import processes, topk
 from mergejax.methods.task_vectors import all_finite, inputs_checked_by_caller
 from mergejax.recipe.checkpoint_io import RECIPE_NAME
 from mergejax.recipe.execute import (
@@ -143,8 +143,9 @@ def _thresholds(recipe: Recipe, groups: list[Group], names: list[str], reader: _
                 progress: bool, desc: str, mine: set[str]):
     """Whole-model thresholds of a `scope: global` document (None for per-tensor trims).
 
-    `names`: the document's tensors; this process streams those in `mine` and the histograms
-    are summed over processes (every process computes the same thresholds)."""
+    `names`: the document's tensors; this process streams those in `mine` and, with several
+    processes, the histograms are summed over them (every process computes the same
+    thresholds)."""
     dens = global_densities(recipe, groups)
     if dens is None:
         return None
@@ -155,10 +156,13 @@ def _thresholds(recipe: Recipe, groups: list[Group], names: list[str], reader: _
     def tensors():
         sweep[0] += 1
         return _doc_blocks(recipe, [n for n in names if n in mine], reader,
-                           f"{desc} threshold {sweep[0]}/2", progress)
+                           f"{desc} threshold sweep {sweep[0]}", progress)
 
     total = sum(int(np.prod(reader.sources[recipe.base.path].info(n).shape)) for n in names)
-    return global_thresholds(tensors, dens, total, reduce=processes.process_sum)
+    # One process: the sampled bracket and host counts (`streamed_thresholds`), several times
+    # faster than the radix histograms, which only several processes need (summable counts).
+    reduce = processes.process_sum if jax.process_count() > 1 else None
+    return global_thresholds(tensors, dens, total, reduce=reduce)
 
 
 def _majority(recipe: Recipe, names: list[str], reader: _Reader, progress: bool, desc: str,
@@ -240,11 +244,14 @@ def _merge_one(recipe: Recipe, g: Group, thr, key, name: str,
         return (None if raw_base is None else _on_device(recipe, raw_base[s]),
                 [_on_device(recipe, m[s]) for m in raw])
 
-    if thr is None and len(blocks) > 1 and recipe.method.name == "ties":
+    size = int(np.prod(raw[0].shape))
+    # Blocked tensors, and large one-block ones (the bracket select costs about half of
+    # `merge_group`'s host select there), find their own top-k threshold first.
+    if (thr is None and recipe.method.name == "ties"
+            and (len(blocks) > 1 or size >= topk.HOST_SELECT_MIN)):
         dens = [float(mp["density"]) for mp in g.model_params]
         if min(dens) < 1:  # this tensor's own top-k threshold, streamed over its blocks
-            thr = global_thresholds(lambda: (block(s) for s in blocks), dens,
-                                    int(np.prod(raw[0].shape)))
+            thr = global_thresholds(lambda: (block(s) for s in blocks), dens, size)
     consensus = recipe.method.name == "consensus"  # its masks need the untrimmed models
     if thr is not None and not consensus:
         g = untrimmed(g)

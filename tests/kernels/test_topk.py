@@ -278,7 +278,7 @@ def test_tensor_thresholds_are_kth_smallest_bits_per_model(dtype):
             assert _as_float(g) == np.sort(a)[kth - 1], kth
 
 
-# --- Streamed bracket select (`bracket`, `bracket_counts`, `bracket_pick`) ----------------------
+# --- Streamed bracket select (`bracket`, `bracket_class`, `class_counts`, `bracket_pick`) -------
 
 
 def _bracket_select(parts, kth, stride=topk.SAMPLE_STRIDE):
@@ -289,10 +289,16 @@ def _bracket_select(parts, kth, stride=topk.SAMPLE_STRIDE):
     assert lo <= hi
     counts, inside = np.zeros(3, np.int64), []
     for p in parts:
-        c, ins = topk.bracket_counts(p, lo, hi)
+        c, index = _class_counts(p, lo, hi)
         counts += c
-        inside.append(ins)
+        inside.append(p.ravel()[index])
     return topk.bracket_pick(counts, np.concatenate(inside), kth, lo, hi)
+
+
+def _class_counts(bits, lo, hi):
+    classes = np.asarray(topk.bracket_class(jnp.asarray(bits), jnp.int32(lo), jnp.int32(hi)))
+    assert classes.dtype == np.int8 and classes.shape == np.shape(bits)
+    return topk.class_counts(classes, lo, hi)
 
 
 @pytest.mark.parametrize("case", list(_adversarial(_N)))
@@ -328,16 +334,19 @@ def test_bracket_pick_says_when_the_bracket_misses():
     assert _bracket_select([y], at + 1, stride=37) is None
 
 
-def test_bracket_counts_open_ends_and_wide_brackets():
+@pytest.mark.parametrize("size", [5000, 3 * (1 << 20) + 17])  # one cache block, and several
+def test_class_counts_open_ends_and_wide_brackets(size):
     rng = np.random.default_rng(8)
-    x = rng.integers(0, 2**31 - 1, 5000, dtype=np.int32)
+    x = rng.integers(0, 2**31 - 1, size, dtype=np.int32)
+    x[::7] = x[3]  # a value with many ties
     i32 = np.iinfo(np.int32)
     for lo, hi in ((int(i32.min), int(i32.max)), (0, 0), (int(i32.min), int(x[5])),
                    (int(x[9]), int(i32.max)), (int(np.min(x)), int(np.max(x))),
-                   (int(x[3]), int(x[3]))):  # a plateau bracket, lo == hi, on a present value
-        counts, inside = topk.bracket_counts(x, lo, hi)
+                   (int(x[3]), int(x[3])),  # a plateau bracket, lo == hi, on a present value
+                   (int(x[3]), int(x[3]) + 1), (int(x[3]) - 1, int(x[3]))):  # edges at ties
+        counts, index = _class_counts(x.reshape(-1, 1) if size == 5000 else x, lo, hi)
         np.testing.assert_array_equal(counts, [(x < lo).sum(), (x <= lo).sum(), (x <= hi).sum()])
-        np.testing.assert_array_equal(np.sort(inside), np.sort(x[(x > lo) & (x < hi)]))
+        np.testing.assert_array_equal(index, np.flatnonzero((x > lo) & (x < hi)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -367,3 +376,29 @@ def test_streamed_thresholds_bracket_equals_histograms(dtype):
             np.testing.assert_array_equal(got, want)
             if ranks[0]:
                 assert _as_float(got[0]) == np.sort(a)[ranks[0] - 1]
+
+
+def test_bracket_reads_inside_entries_as_xla_does_subnormals_included():
+    # The entries inside a bracket get their bits from XLA on the gathered entries
+    # (`_bits_at`), so they equal the full-array bits even where XLA:CPU and numpy differ
+    # (subnormal inputs read as zero, subnormal differences flushed): thresholds in that range
+    # equal the histogram path's.
+    from mergejax.methods import task_vectors as tv
+
+    rng = np.random.default_rng(12)
+    tiny = np.array([1e-39, 3e-39, -2e-39, 0.0, 1.2e-38, -1.3e-38, 2e-38, 5e-38], np.float32)
+    base = jnp.asarray(rng.choice(tiny, (50, 80)), jnp.bfloat16)
+    member = jnp.asarray(rng.choice(tiny, (50, 80)), jnp.bfloat16)
+    full = np.asarray(tv._abs_bits_of(base, (member,), None, 0, prep=None, t=0)).ravel()
+    index = np.flatnonzero(rng.uniform(size=full.size) < 0.3)
+    np.testing.assert_array_equal(tv._bits_at(base, member, index), full[index])
+    f32 = lambda a: np.asarray(a, np.float32).ravel()  # noqa: E731
+    assert not np.array_equal(np.abs(f32(member) - f32(base)).view(np.int32), full)  # numpy differs
+
+    def blocks():
+        return iter([(base, [member])])
+
+    for rank in (1, 1000, 2000, 3999, 4000):
+        got = tv.streamed_thresholds(blocks, [rank])
+        assert got == tv.streamed_thresholds(blocks, [rank], reduce=lambda h: h)
+        assert got[0] == np.sort(full)[rank - 1]
