@@ -296,6 +296,37 @@ def test_large_tensors_merged_in_row_blocks_give_the_same_result(llama, tmp_path
     _assert_close_bf16(_read_dir(tmp_path / "out"), _want(llama, method))
 
 
+def test_read_rows_reads_every_step_th_row(llama, tmp_path):
+    """`Source.read_rows` (the whole-model bracket's sample) equals the full read's rows
+    0, step, ...; 1-d tensors come whole; a file cut short is named."""
+    src = Source(llama["ft0"])
+    try:
+        names = src.names
+        assert any(len(src.info(n).shape) == 1 for n in names)
+        for n in names:
+            full = src.read(n)
+            for step in (1, 3, 64):
+                got = src.read_rows(n, step)
+                want = full if full.ndim < 2 else full[::step]
+                assert got.dtype == full.dtype and got.shape == want.shape, n
+                np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=n)
+    finally:
+        src.close()
+    cut = tmp_path / "cut.safetensors"
+    _save_single(dict(llama["sd:ft1"]), cut)
+    src = Source(cut)  # the header is read here; the file is cut afterwards
+    try:
+        name = max((n for n in src.names if len(src.info(n).shape) >= 2),
+                   key=lambda n: src.info(n).offset)
+        info = src.info(name)
+        with open(cut, "r+b") as f:  # keeps its first row and a byte of the second
+            f.truncate(info.offset + info.nbytes // info.shape[0] + 1)
+        with pytest.raises(CheckpointInputError, match=f"{name!r} is truncated"):
+            src.read_rows(name, 1)
+    finally:
+        src.close()
+
+
 @pytest.mark.parametrize("method", ["ties_tensor", "ties_equal_tensor"])
 def test_one_block_tensors_trimmed_by_the_bracket_select(llama, tmp_path, monkeypatch, method):
     """Tensors of one block from `topk.HOST_SELECT_MIN` entries on find their threshold with

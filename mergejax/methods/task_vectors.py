@@ -392,12 +392,14 @@ def _bits_at(base, member, index: np.ndarray) -> np.ndarray:
     return np.asarray(bits)[:index.size]
 
 
-def _bracketed_thresholds(blocks: Blocks, rank: np.ndarray) -> np.ndarray | None:
+def _bracketed_thresholds(blocks: Blocks, rank: np.ndarray,
+                          sample: tuple[Blocks, int, int] | None = None) -> np.ndarray | None:
     """`streamed_thresholds` without histograms (no prep): the same bits, or None if the
     sample misled a bracket (the caller then runs the histogram passes).
 
     Pass 1 takes every `topk.SAMPLE_STRIDE`-th |tau| entry of each block (XLA reads ~0.2% of
-    the entries); each model's sorted sample gives a bracket (`topk.bracket`). Pass 2: XLA
+    the entries; or every stride-th of `sample`'s blocks, see `streamed_thresholds`); each
+    model's sorted sample gives a bracket (`topk.bracket`). Pass 2: XLA
     classifies one model's |tau| entries of a block against its bracket (`topk.bracket_class`:
     one byte per entry) while numpy counts the previous block's classes
     (`topk.class_counts`, cache-blocked); the few entries strictly inside the bracket get their
@@ -407,10 +409,12 @@ def _bracketed_thresholds(blocks: Blocks, rank: np.ndarray) -> np.ndarray | None
     micro-benchmark); XLA:CPU's two scatter-add histogram passes cost ~10 ns per entry.
     """
     active = [t for t in range(len(rank)) if rank[t] > 0]
-    parts, n = [], 0
-    for b, ms in blocks():
-        n += int(np.size(ms[0]))
-        parts.append(_sampled_bits(b, tuple(ms), stride=topk.SAMPLE_STRIDE))
+    source, stride, n = sample if sample is not None else (blocks, topk.SAMPLE_STRIDE, None)
+    parts, seen = [], 0
+    for b, ms in source():
+        seen += int(np.size(ms[0]))
+        parts.append(_sampled_bits(b, tuple(ms), stride=stride))
+    n = seen if n is None else n
     if not parts or n == 0:
         return None
     sample = np.sort(np.concatenate(jax.device_get(parts), axis=1), axis=1)
@@ -457,8 +461,8 @@ Blocks = Callable[[], Iterable[tuple[Any, Sequence[Any]]]]
 
 
 def streamed_thresholds(blocks: Blocks, ranks: Sequence[int], *, prep: Prep = None,
-                        aux=None, reduce: Callable[[np.ndarray], np.ndarray] | None = None
-                        ) -> np.ndarray:
+                        aux=None, reduce: Callable[[np.ndarray], np.ndarray] | None = None,
+                        sample: tuple[Blocks, int, int] | None = None) -> np.ndarray:
     """(T,) int32 bit patterns: model t keeps `abs_bits(tau_t) >= thr[t]` over all blocks.
 
     The exact radix select of `mergejax.kernels.topk` over everything `blocks()` yields: one
@@ -478,12 +482,17 @@ def streamed_thresholds(blocks: Blocks, ranks: Sequence[int], *, prep: Prep = No
       reduce: applied to each pass's (T, bins) int64 histogram before it is read, e.g. a sum
         over processes that each stream a part of the model (`kernels.processes.process_sum`;
         ranks are then global). `blocks()` may then yield nothing on some process.
+      sample: for the bracket, (factory of blocks holding a typical subset of the entries,
+        e.g. every 64th row of each tensor, a stride within them, the number of entries
+        `blocks()` yields): the sample pass then reads only that subset (out of core: a
+        fraction of the bytes) instead of calling `blocks()`. It only guides the bracket;
+        the result is exact whatever it holds.
     """
     rank = np.asarray(ranks, np.int64)
     if not rank.any():
         return np.zeros(len(rank), np.int32)
     if reduce is None and prep is None:  # one process, plain task vectors: no histograms
-        thr = _bracketed_thresholds(blocks, rank)
+        thr = _bracketed_thresholds(blocks, rank, sample)
         if thr is not None:
             return thr
 

@@ -29,6 +29,7 @@ from mergejax.io.safetensors_io import (
     np_dtype,
     read_header,
     read_tensor,
+    read_tensor_rows,
     tensor_infos,
 )
 
@@ -226,13 +227,29 @@ class Source:
                 self._torch = None  # drop the previous file before loading the next
                 self._torch = (info.file, _torch_load(info.file))
             return np.array(torch_to_numpy(self._torch[1][name]), copy=True)
+        try:
+            return read_tensor(self._handle(info), info, name)
+        except SafetensorsFormatError as e:
+            raise CheckpointInputError(str(e)) from e
+
+    def read_rows(self, name: str, step: int) -> np.ndarray:
+        """Rows 0, step, 2 step, ... of tensor `name` (axis 0; 0-d and 1-d tensors whole),
+        reading ~1/step of its bytes from a safetensors file (a torch file is loaded whole)."""
+        info = self.info(name)
+        if info.offset < 0:
+            full = self.read(name)
+            return full if full.ndim < 2 else np.ascontiguousarray(full[::step])
+        try:
+            return read_tensor_rows(self._handle(info), info, name, step)
+        except SafetensorsFormatError as e:
+            raise CheckpointInputError(str(e)) from e
+
+    def _handle(self, info: TensorInfo):
+        """The open binary file of `info.file` (opened once, kept until `close`)."""
         f = self._handles.get(info.file)
         if f is None:
             f = self._handles[info.file] = open(info.file, "rb")  # noqa: SIM115 (kept open)
-        try:
-            return read_tensor(f, info, name)
-        except SafetensorsFormatError as e:
-            raise CheckpointInputError(str(e)) from e
+        return f
 
     def close(self) -> None:
         """Closes the open files and drops a loaded torch state dict."""

@@ -21,7 +21,7 @@ from mergejax.methods.task_vectors import Blocks, streamed_thresholds, tau
 
 
 def global_thresholds(tensors: Blocks, densities: Sequence[float], total: int, *,
-                      reduce=None) -> np.ndarray:
+                      reduce=None, sample: tuple[Blocks, int] | None = None) -> np.ndarray:
     """(T,) int32 bit patterns: model t keeps `abs_bits(tau_t) >= thr[t]` over all tensors.
 
     Args:
@@ -32,11 +32,14 @@ def global_thresholds(tensors: Blocks, densities: Sequence[float], total: int, *
       total: number of entries of one model's task vector (all tensors).
       reduce: combines the histograms of processes that each stream a part of the tensors
         (`mergejax.kernels.processes.process_sum`); `total` stays the whole model's.
+      sample: (factory of blocks of a few rows of every tensor, stride within them) for the
+        bracket's sample pass (one process), instead of a sweep over all the data.
     Semantics of `mergejax.kernels.topk.topk_kth`: the (n - int(n d))-th smallest |tau| is the
     threshold and ties at it are kept, as `ties(scope="global")`.
     """
     return streamed_thresholds(tensors, [topk.topk_kth(total, d) for d in densities],
-                               reduce=reduce)
+                               reduce=reduce,
+                               sample=None if sample is None else (*sample, total))
 
 
 @jax.jit
