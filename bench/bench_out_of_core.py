@@ -9,8 +9,8 @@ processes, each measured by `os.wait4` (peak RSS of that child alone):
 
 - limit: every input read once with `safetensors.safe_open` and the output written once with
   `safetensors.numpy.save_file`, no merge (the machine's I/O limit in this run);
-- mergejax linear / task_arithmetic / ties (per-tensor trim) / ties scope: global (3 sweeps:
-  two threshold sweeps, then the merge): `python -m mergejax.recipe R.yml OUT`;
+- mergejax linear / task_arithmetic / ties (per-tensor trim) / ties scope: global (a row
+  sample, one threshold sweep, then the merge sweep): `python -m mergejax.recipe R.yml OUT`;
 - mergekit ties (in its own venv, `mergekit-yaml`, if present): the in-memory alternative;
 - `<run>@<N>p` (e.g. `linear@2p`): the same recipe split over N local processes
   (`--distributed`, each merging every N-th output shard); peak RSS is the largest process's.

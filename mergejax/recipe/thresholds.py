@@ -3,9 +3,10 @@
 The TIES paper (and tall_masks, mergejax's `ties(scope="global")`) keeps, per model, the top
 `density` fraction of |tau| over the *whole* flattened task vector. Out of core this is the
 select of `mergejax.methods.task_vectors.streamed_thresholds` (the one implementation, shared
-with the in-memory `ties`): two streaming sweeps over the tensors give the exact threshold (a
-sampled bracket counted on the host in one process; the radix histograms, summed over
-processes, otherwise; never an approximation); the merge pass then applies it (`trim_to_base`).
+with the in-memory `ties`) gives the exact threshold, never an approximation: in one process
+a bracket from a sample (out of core, a few rows of every tensor) and one streaming sweep of
+counts; the radix histograms, two sweeps summed over processes, otherwise. The merge pass then
+applies it (trimmed inside the TIES kernel, `execute.ties_block`, or `trim_to_base`).
 """
 
 from __future__ import annotations
