@@ -34,10 +34,10 @@ from jax import lax
 from .checks import check_count, check_dtype, check_finite_array, check_number, is_traced
 
 __all__ = [
-    "HI_BINS", "HI_BITS", "HOST_SELECT_MIN", "LO_BINS", "SAMPLE_STRIDE", "abs_bits", "bracket",
-    "bracket_class", "bracket_pick", "class_counts", "first_reaching", "high_histogram",
-    "join_bits", "keep_topk", "kth_smallest_bits", "kth_smallest_bits_np", "low_histogram",
-    "topk_kth", "use_host_select",
+    "HI_BINS", "HI_BITS", "HOST_SELECT_MIN", "INF_BITS", "LO_BINS", "SAMPLE_STRIDE", "abs_bits",
+    "bracket", "bracket_class", "bracket_pick", "class_counts", "first_reaching",
+    "high_histogram", "join_bits", "keep_topk", "kth_smallest_bits", "kth_smallest_bits_np",
+    "low_histogram", "topk_kth", "use_host_select",
 ]
 
 # The 31 magnitude bits of a float32 split into a 15-bit high and a 16-bit low part.
@@ -199,6 +199,9 @@ def _partition(b: np.ndarray, kth: int, scratch: np.ndarray | None = None) -> np
 # aliasing with row widths) forms the sample; ~0.2% of the entries, so its sort costs ~1% of a
 # pass.
 SAMPLE_STRIDE = 509
+# abs_bits of +inf; NaNs lie above it. A bracket whose hi is below it classifies every
+# non-finite entry above hi, so `bracket_class` can mark them at no extra pass.
+INF_BITS = 0x7F800000
 
 
 def bracket(sample: np.ndarray, kth: int, n: int) -> tuple[int, int]:
@@ -210,37 +213,44 @@ def bracket(sample: np.ndarray, kth: int, n: int) -> tuple[int, int]:
     The sample entries 2 sqrt(m) positions either side of the estimated rank: a sample
     quantile's rank scatters by at most sqrt(m) / 2 positions (binomial at the median), so the
     bracket holds the answer unless the sample is atypical (`bracket_pick` then says so). An
-    open end is the int32 minimum / maximum. lo == hi when one value fills the bracket (ties).
+    open lower end is the int32 minimum; an open upper end is the largest finite magnitude
+    (`INF_BITS` - 1: it holds every finite value, and `bracket_class` still marks NaN/inf
+    entries above it). lo == hi when one value fills the bracket (ties).
     """
     m = len(sample)
     p, margin = (kth - 1) * m // n, 2 * math.isqrt(m)
-    i32 = np.iinfo(np.int32)
-    lo = int(sample[p - margin]) if p >= margin else int(i32.min)
-    hi = int(sample[p + margin]) if p + margin < m else int(i32.max)
-    return lo, hi
+    lo = int(sample[p - margin]) if p >= margin else int(np.iinfo(np.int32).min)
+    hi = int(sample[p + margin]) if p + margin < m else INF_BITS - 1
+    return min(lo, hi), hi
 
 
 def bracket_class(bits, lo, hi):
     """int8 class of every entry of `bits` (int32 patterns, any shape; traced) against the
     bracket (lo, hi), lo <= hi: (bits >= lo) + (bits > lo) + (bits >= hi) + (bits > hi), so 0
     below lo, 1 at lo, 2 strictly inside, 3 at hi, 4 above hi; where lo == hi an entry at
-    lo is 2. One byte per entry: the class array is a quarter of the bits' size, so forming it
-    on the device costs a quarter of their memory traffic (`class_counts` reads it)."""
+    lo is 2. Entries above hi that are NaN or inf (bits >= `INF_BITS`) are 5 instead of 4, so
+    counting the classes also tells whether the |tau| were finite (`class_counts`). One byte
+    per entry: the class array is a quarter of the bits' size, so forming it on the device
+    costs a quarter of their memory traffic (`class_counts` reads it)."""
     one = lambda c: c.astype(jnp.int8)  # noqa: E731
-    return one(bits >= lo) + one(bits > lo) + one(bits >= hi) + one(bits > hi)
+    return (one(bits >= lo) + one(bits > lo) + one(bits >= hi) + one(bits > hi)
+            + one((bits > hi) & (bits >= INF_BITS)))
 
 
 def class_counts(classes: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     """One pass over `bracket_class` output (int8, any shape) for the bracket (lo, hi).
 
     Returns ((3,) int64 counts [#(< lo), #(<= lo), #(<= hi)], the flat indices of the entries
-    strictly between lo and hi (int64; empty when lo == hi)). Additive over the blocks of a
-    larger array (sum the counts; the caller reads the inside entries' values). Cache-blocked
-    with one reused mask, so no array of the block's size is allocated.
+    strictly between lo and hi (int64; empty when lo == hi), and whether an entry was marked
+    non-finite (class 5: only entries above hi are marked, so with hi >= `INF_BITS` False
+    proves nothing)). Additive over the blocks of a larger array (sum the counts, or the
+    flags; the caller reads the inside entries' values). Cache-blocked with one reused mask,
+    so no array of the block's size is allocated.
     """
     c = np.ascontiguousarray(classes).ravel().view(np.int8)
     plateau = lo == hi
     below = at_lo = above = 0
+    nonfinite = False
     inside = []
     mask = np.empty(min(_CLASS_BLOCK, c.size), bool)
     for i in range(0, c.size, _CLASS_BLOCK):
@@ -248,9 +258,11 @@ def class_counts(classes: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.
         k = mask[:len(blk)]
         # class 0 is the only zero: one SIMD count of the int8s, no compare
         below_blk = len(blk) - np.count_nonzero(blk)
-        above_blk = np.count_nonzero(np.greater(blk, 3, out=k))
+        above_blk = np.count_nonzero(np.greater(blk, 3, out=k))  # classes 4 and 5
         below += below_blk
         above += above_blk
+        # a max of the cache-resident block: ~1/4 of this loop's time
+        nonfinite = nonfinite or (above_blk > 0 and int(blk.max()) > 4)
         if plateau:  # classes 0, 2, 4 only: everything not above is at most lo
             at_lo += len(blk) - above_blk
             continue
@@ -259,7 +271,7 @@ def class_counts(classes: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.
         if hit.size:
             inside.append(hit + i)
     counts = np.array([below, at_lo, c.size - above], np.int64)
-    return counts, (np.concatenate(inside) if inside else np.zeros(0, np.int64))
+    return counts, (np.concatenate(inside) if inside else np.zeros(0, np.int64)), nonfinite
 
 
 def bracket_pick(counts: np.ndarray, inside: np.ndarray, kth: int, lo: int,

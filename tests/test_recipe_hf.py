@@ -339,23 +339,49 @@ def test_one_block_tensors_trimmed_by_the_bracket_select(llama, tmp_path, monkey
 
 
 @pytest.mark.parametrize("method", ["ties_equal_tensor", "ties_equal_global"])
+@pytest.mark.parametrize("where", ["model 1", "the base"])
 def test_non_finite_input_of_a_blocked_ties_merge_is_named(llama, tmp_path, monkeypatch,
-                                                            method):
+                                                            method, where):
     """The trim-in-kernel TIES path (row blocks, equal weights) checks its inputs too: a NaN,
-    which TIES' election could otherwise drop silently, is refused naming the tensor."""
+    which TIES' election could otherwise drop silently, is refused naming the tensor and the
+    input (the threshold's count pass sees it and leaves the check to `ties_block`)."""
     from mergejax.recipe import stream
 
     monkeypatch.setattr(stream, "CHUNK_BYTES", 128)
     name = "model.layers.1.mlp.up_proj.weight"
-    sd = dict(llama["sd:ft1"])
+    sd = dict(llama["sd:base" if where == "the base" else "sd:ft1"])
     sd[name] = sd[name].copy()
     sd[name][-1, 3] = np.nan  # in the last row block
     _save_single(sd, tmp_path / "nan.safetensors")
     raw = _recipe(llama, method)
-    raw["models"][1]["model"] = str(tmp_path / "nan.safetensors")
-    with pytest.raises(CheckpointInputError, match=f"{name!r}.*non-finite"):
+    if where == "the base":
+        raw["base_model"] = str(tmp_path / "nan.safetensors")
+    else:
+        raw["models"][1]["model"] = str(tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointInputError, match=f"{name!r}.*{where} has non-finite"):
         R.run(R.parse(raw), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["ties_equal_tensor", "ties_equal_global"])
+def test_blocked_ties_takes_the_input_check_from_the_count_pass(llama, tmp_path, monkeypatch,
+                                                                 method):
+    """Finite inputs: the bracket's count pass proves them finite, so `ties_block` does not
+    read every input once more to check them; the merge is unchanged."""
+    from mergejax.recipe import stream
+
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 128)
+    checked = []
+
+    def spy(*args, **kwargs):
+        checked.append(kwargs.get("checked", False))
+        return ties_block(*args, **kwargs)
+
+    ties_block = stream.ties_block
+    monkeypatch.setattr(stream, "ties_block", spy)
+    R.run(R.parse(_recipe(llama, method)), tmp_path / "out")
+    _assert_close_bf16(_read_dir(tmp_path / "out"), _want(llama, method))
+    assert checked and all(checked), (sum(checked), len(checked))
 
 
 def test_global_trim_differs_from_per_tensor_and_needs_one_density(llama, tmp_path):

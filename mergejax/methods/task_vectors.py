@@ -393,8 +393,10 @@ def _bits_at(base, member, index: np.ndarray) -> np.ndarray:
 
 
 def _bracketed_thresholds(blocks: Blocks, rank: np.ndarray,
-                          sample: tuple[Blocks, int, int] | None = None) -> np.ndarray | None:
-    """`streamed_thresholds` without histograms (no prep): the same bits, or None if the
+                          sample: tuple[Blocks, int, int] | None = None
+                          ) -> tuple[np.ndarray, bool] | None:
+    """`streamed_thresholds` without histograms (no prep): the same bits and whether every
+    |tau| entry of every model was seen finite (see `checked_thresholds`), or None if the
     sample misled a bracket (the caller then runs the histogram passes).
 
     Pass 1 takes every `topk.SAMPLE_STRIDE`-th |tau| entry of each block (XLA reads ~0.2% of
@@ -422,12 +424,16 @@ def _bracketed_thresholds(blocks: Blocks, rank: np.ndarray,
     brackets = {t: topk.bracket(sample[t], int(rank[t]), n) for t in active}
     counts = {t: np.zeros(3, np.int64) for t in active}
     inside: dict[int, list] = {t: [] for t in active}
+    # Class 5 marks non-finite entries only above a finite hi; a model without a bracket (rank
+    # 0) is not classified at all: then nothing is proven.
+    finite = len(active) == len(rank) and all(brackets[t][1] < topk.INF_BITS for t in active)
     classified = ((t, b, ms[t], _bracket_classes(b, ms[t], *map(jnp.int32, brackets[t])))
                   for b, ms in blocks() for t in active)
     for t, b, m, classes in _one_ahead(classified):
-        c, index = topk.class_counts(np.asarray(classes), *brackets[t])
+        c, index, nonfinite = topk.class_counts(np.asarray(classes), *brackets[t])
         del classes
         counts[t] += c
+        finite = finite and not nonfinite
         if index.size:
             inside[t].append(_bits_at(b, m, index))
     out = np.zeros(len(rank), np.int32)
@@ -437,7 +443,7 @@ def _bracketed_thresholds(blocks: Blocks, rank: np.ndarray,
         if v is None:
             return None
         out[t] = v
-    return out
+    return out, finite
 
 
 def _host_sum(arrays, chunk: int = 2) -> np.ndarray:
@@ -492,9 +498,15 @@ def streamed_thresholds(blocks: Blocks, ranks: Sequence[int], *, prep: Prep = No
     if not rank.any():
         return np.zeros(len(rank), np.int32)
     if reduce is None and prep is None:  # one process, plain task vectors: no histograms
-        thr = _bracketed_thresholds(blocks, rank, sample)
-        if thr is not None:
-            return thr
+        found = _bracketed_thresholds(blocks, rank, sample)
+        if found is not None:
+            return found[0]
+    return _histogram_thresholds(blocks, rank, prep, aux, reduce)
+
+
+def _histogram_thresholds(blocks: Blocks, rank: np.ndarray, prep: Prep, aux,
+                          reduce: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
+    """`streamed_thresholds` by the radix histograms: two passes over `blocks()`."""
 
     def summed(parts, bins: int) -> np.ndarray:
         hist = _host_sum(parts)
@@ -509,6 +521,26 @@ def streamed_thresholds(blocks: Blocks, ranks: Sequence[int], *, prep: Prep = No
                    for i, (b, ms) in enumerate(blocks())), topk.LO_BINS)
     lo, _ = topk.first_reaching(hist, inside)
     return np.where(rank > 0, topk.join_bits(h, lo), 0).astype(np.int32)
+
+
+def checked_thresholds(blocks: Blocks, ranks: Sequence[int], *,
+                       sample: tuple[Blocks, int, int] | None = None) -> tuple[np.ndarray, bool]:
+    """`streamed_thresholds` in one process on plain task vectors, and whether the passes
+    proved every input finite.
+
+    The second value is True only when the bracketed select classified every entry of every
+    model (all ranks > 0, finite brackets) and none was NaN or inf: then tau_t = member_t -
+    base is finite everywhere, so base and members are (a NaN or inf in either gives a
+    non-finite tau), and a merge of the same blocks may skip its own input check. False proves
+    nothing (e.g. a float32 tau can overflow from finite inputs): check the inputs then.
+    """
+    rank = np.asarray(ranks, np.int64)
+    if not rank.all():  # some model keeps everything: no bracket classifies its entries
+        return streamed_thresholds(blocks, ranks, sample=sample), False
+    found = _bracketed_thresholds(blocks, rank, sample)
+    if found is not None:
+        return found
+    return _histogram_thresholds(blocks, rank, None, None, None), False
 
 
 def global_thresholds(models: Models, density: float, *, prep: Prep = None,

@@ -101,19 +101,23 @@ def _ties_options(method: Method, g: Group) -> dict | None:
                 lam=p["lambda"] if norm else p["lambda"] * w[0])
 
 
-def ties_block(method: Method, base, members: Sequence, g: Group, thr):
+def ties_block(method: Method, base, members: Sequence, g: Group, thr, *,
+               checked: bool = False):
     """One tensor (or row block) of a `ties` group with its trim thresholds given (`thr`: (T,)
     int32 bit patterns from a streamed select), merged by the same kernel and options as
     `merge_group` (`task_vectors.merge_block`): equal to trimming the members first and
     merging with density 1, bit for bit, without writing the trimmed members. None when
     `merge_group` would not call mergejax's `ties` on the group. Device arrays in, the merged
-    block (the base's dtype) out; ValueError naming the input that has NaN/inf entries."""
+    block (the base's dtype) out; ValueError naming the input that has NaN/inf entries, unless
+    `checked` (the threshold passes already proved these inputs finite:
+    `thresholds.checked_global_thresholds`), which saves a read of every input."""
     from mergejax.methods import task_vectors as tv
 
     opts = _ties_options(method, g) if method.name == "ties" else None
     if opts is None:
         return None
-    named = [("the base", base)] + [(f"model {t}", m) for t, m in enumerate(members)]
+    named = [] if checked else [("the base", base)] + [(f"model {t}", m)
+                                                       for t, m in enumerate(members)]
     for who, ok in zip((n for n, _ in named), [tv.all_finite(x) for _, x in named]):
         if not bool(ok):
             raise ValueError(f"ties: {who} has non-finite values (NaN or inf)")

@@ -140,16 +140,17 @@ class _Reader:
 
 
 def _thresholds(recipe: Recipe, groups: list[Group], names: list[str], reader: _Reader,
-                progress: bool, desc: str, mine: set[str]):
-    """Whole-model thresholds of a `scope: global` document (None for per-tensor trims).
+                progress: bool, desc: str, mine: set[str]) -> tuple[np.ndarray | None, bool]:
+    """Whole-model thresholds of a `scope: global` document (None for per-tensor trims), and
+    whether their passes proved the document's inputs finite (`checked_global_thresholds`).
 
     `names`: the document's tensors; this process streams those in `mine` and, with several
     processes, the histograms are summed over them (every process computes the same
     thresholds)."""
     dens = global_densities(recipe, groups)
     if dens is None:
-        return None
-    from mergejax.recipe.thresholds import global_thresholds
+        return None, False
+    from mergejax.recipe.thresholds import checked_global_thresholds, global_thresholds
 
     sweep = [0]
 
@@ -169,11 +170,12 @@ def _thresholds(recipe: Recipe, groups: list[Group], names: list[str], reader: _
 
     total = sum(int(np.prod(reader.sources[recipe.base.path].info(n).shape)) for n in names)
     if jax.process_count() > 1:  # histograms: summable over the processes' tensors
-        return global_thresholds(tensors, dens, total, reduce=processes.process_sum)
+        return global_thresholds(tensors, dens, total, reduce=processes.process_sum), False
     # One process: the sampled bracket and host counts (`streamed_thresholds`), several times
     # faster than the radix histograms; its sample reads ~1/64 of the bytes, so the threshold
     # costs one full sweep, not two.
-    return global_thresholds(tensors, dens, total, sample=(sample_rows, SAMPLE_ROW_STRIDE))
+    return checked_global_thresholds(tensors, dens, total,
+                                     sample=(sample_rows, SAMPLE_ROW_STRIDE))
 
 
 def _majority(recipe: Recipe, names: list[str], reader: _Reader, progress: bool, desc: str,
@@ -244,11 +246,12 @@ def _stored_block(recipe: Recipe, name: str, merged, ref_dtype) -> np.ndarray:
 
 
 def _merge_one(recipe: Recipe, g: Group, thr, key, name: str,
-               arrays: dict[Path, np.ndarray], ref_dtype, zero_sign: float = 1.0
-               ) -> list[np.ndarray]:
+               arrays: dict[Path, np.ndarray], ref_dtype, zero_sign: float = 1.0,
+               checked: bool = False) -> list[np.ndarray]:
     """The merged tensor `name` as stored, as a list of row blocks (axis 0) that concatenate
-    to it. `thr`: whole-model thresholds or None; `zero_sign`: consensus-TIES' majority."""
-    from mergejax.recipe.thresholds import global_thresholds, trim_to_base
+    to it. `thr`: whole-model thresholds or None; `zero_sign`: consensus-TIES' majority;
+    `checked`: the whole-model threshold passes proved the inputs finite."""
+    from mergejax.recipe.thresholds import checked_global_thresholds, trim_to_base
 
     raw_base = arrays[recipe.base.path] if recipe.method.kind == "gta" else None
     raw = [arrays[m.path] for m in recipe.members]
@@ -268,7 +271,9 @@ def _merge_one(recipe: Recipe, g: Group, thr, key, name: str,
             and (len(blocks) > 1 or size >= topk.HOST_SELECT_MIN)):
         dens = [float(mp["density"]) for mp in g.model_params]
         if min(dens) < 1:  # this tensor's own top-k threshold, streamed over its blocks
-            thr = global_thresholds(lambda: (block(s) for s in blocks), dens, size)
+            # (its count pass also checks the inputs for NaN/inf: `ties_block` need not)
+            thr, checked = checked_global_thresholds(lambda: (block(s) for s in blocks), dens,
+                                                     size)
     consensus = recipe.method.name == "consensus"  # its masks need the untrimmed models
     if thr is not None and not consensus:
         g = untrimmed(g)
@@ -281,7 +286,7 @@ def _merge_one(recipe: Recipe, g: Group, thr, key, name: str,
             parts.append(_stored_block(recipe, name, merged, ref_dtype))
             continue
         if thr is not None:
-            merged = ties_block(recipe.method, b, ms, g, thr)
+            merged = ties_block(recipe.method, b, ms, g, thr, checked=checked)
             if merged is not None:  # trimmed inside the merge kernel
                 parts.append(_stored_block(recipe, name, merged, ref_dtype))
                 continue
@@ -349,16 +354,17 @@ def run_streaming(recipes: Sequence[Recipe], tmp: Path, *, seed: int = 0,
                                {"mergejax_recipe": raw_json, "seed": str(seed)},
                                only=lambda i: i % nproc == proc)
         mine = {it[0] for _, it in writer.order}
-        job: dict[str, tuple] = {}  # tensor -> (recipe, group, thresholds, key, zero sign)
+        # tensor -> (recipe, group, thresholds, key, zero sign, inputs proved finite)
+        job: dict[str, tuple] = {}
         for j, recipe, groups, order in docs:
             key = root if len(recipes) == 1 else jax.random.fold_in(root, j)
             desc = f"doc {j}" if len(recipes) > 1 else recipe.method.name
-            thr = _thresholds(recipe, groups, order, reader, progress, desc, mine)
+            thr, checked = _thresholds(recipe, groups, order, reader, progress, desc, mine)
             zero_sign = 1.0
             if thr is not None and recipe.method.name == "consensus":
                 zero_sign = _majority(recipe, order, reader, progress, desc, mine, thr)
             for g in groups:
-                job.update({n: (recipe, g, thr, key, zero_sign) for n in g.names})
+                job.update({n: (recipe, g, thr, key, zero_sign, checked) for n in g.names})
         error = None
         try:
             _merge_sweep([n for n in names if n in mine], job, reader, writer, sources, ref,
@@ -396,13 +402,13 @@ def _merge_sweep(names: list[str], job: dict, reader: _Reader, writer: ShardedWr
         pending = None
         for n, arrays in reader.sweep(names, "merge", progress):
             if n in job:
-                recipe, g, thr, key, zero_sign = job[n]
+                recipe, g, thr, key, zero_sign, checked = job[n]
                 try:
                     # only DARE draws: a fold_in per tensor costs ~10 ms of dispatches
                     if recipe.method.sparsify == "random":
                         key = tensor_key(key, n)
                     value = _merge_one(recipe, g, thr, key, n, arrays,
-                                       ref.info(n).dtype, zero_sign)
+                                       ref.info(n).dtype, zero_sign, checked)
                 except NonFiniteError:
                     raise
                 except ValueError as e:  # the methods' checks, e.g. non-finite inputs

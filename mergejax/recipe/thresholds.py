@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax.kernels import topk
-from mergejax.methods.task_vectors import Blocks, streamed_thresholds, tau
+from mergejax.methods.task_vectors import Blocks, checked_thresholds, streamed_thresholds, tau
 
 
 def global_thresholds(tensors: Blocks, densities: Sequence[float], total: int, *,
@@ -41,6 +41,16 @@ def global_thresholds(tensors: Blocks, densities: Sequence[float], total: int, *
     return streamed_thresholds(tensors, [topk.topk_kth(total, d) for d in densities],
                                reduce=reduce,
                                sample=None if sample is None else (*sample, total))
+
+
+def checked_global_thresholds(tensors: Blocks, densities: Sequence[float], total: int, *,
+                              sample: tuple[Blocks, int] | None = None
+                              ) -> tuple[np.ndarray, bool]:
+    """`global_thresholds` in one process, and True when its passes proved every base and
+    member entry finite (`mergejax.methods.task_vectors.checked_thresholds`): the TIES merge
+    of the same tensors may then skip its input check (`execute.ties_block`)."""
+    return checked_thresholds(tensors, [topk.topk_kth(total, d) for d in densities],
+                              sample=None if sample is None else (*sample, total))
 
 
 @jax.jit

@@ -289,7 +289,7 @@ def _bracket_select(parts, kth, stride=topk.SAMPLE_STRIDE):
     assert lo <= hi
     counts, inside = np.zeros(3, np.int64), []
     for p in parts:
-        c, index = _class_counts(p, lo, hi)
+        c, index, _ = _class_counts(p, lo, hi)
         counts += c
         inside.append(p.ravel()[index])
     return topk.bracket_pick(counts, np.concatenate(inside), kth, lo, hi)
@@ -344,9 +344,34 @@ def test_class_counts_open_ends_and_wide_brackets(size):
                    (int(x[9]), int(i32.max)), (int(np.min(x)), int(np.max(x))),
                    (int(x[3]), int(x[3])),  # a plateau bracket, lo == hi, on a present value
                    (int(x[3]), int(x[3]) + 1), (int(x[3]) - 1, int(x[3]))):  # edges at ties
-        counts, index = _class_counts(x.reshape(-1, 1) if size == 5000 else x, lo, hi)
+        counts, index, nonfinite = _class_counts(x.reshape(-1, 1) if size == 5000 else x,
+                                                 lo, hi)
         np.testing.assert_array_equal(counts, [(x < lo).sum(), (x <= lo).sum(), (x <= hi).sum()])
         np.testing.assert_array_equal(index, np.flatnonzero((x > lo) & (x < hi)))
+        assert nonfinite == bool(((x > hi) & (x >= topk.INF_BITS)).any())
+
+
+@pytest.mark.parametrize("size", [5000, 3 * (1 << 20) + 17])
+def test_class_counts_flags_nonfinite_above_a_finite_hi_with_counts_unchanged(size):
+    # NaN/inf |tau| entries are class 5 (above hi, counted as before) when hi is finite, and
+    # `class_counts` says so; a bracket reaching the non-finite bits cannot tell.
+    rng = np.random.default_rng(13)
+    v = rng.standard_normal(size).astype(np.float32)
+    lo, hi = (int(b) for b in np.asarray(topk.abs_bits(jnp.asarray([0.5, 1.0]))))
+    finite_bits = np.asarray(topk.abs_bits(jnp.asarray(v)))
+    assert not _class_counts(finite_bits, lo, hi)[2]
+    for bad in (np.nan, np.inf, -np.inf):
+        w = v.copy()
+        w[size // 2] = bad
+        bits = np.asarray(topk.abs_bits(jnp.asarray(w)))
+        classes = np.asarray(topk.bracket_class(jnp.asarray(bits), jnp.int32(lo), jnp.int32(hi)))
+        assert classes[size // 2] == 5 and (classes == 5).sum() == 1
+        counts, index, nonfinite = topk.class_counts(classes, lo, hi)
+        assert nonfinite
+        np.testing.assert_array_equal(
+            counts, [(bits < lo).sum(), (bits <= lo).sum(), (bits <= hi).sum()])
+        np.testing.assert_array_equal(index, np.flatnonzero((bits > lo) & (bits < hi)))
+        assert not _class_counts(bits, lo, int(np.iinfo(np.int32).max))[2]  # open end: unknown
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
