@@ -494,13 +494,11 @@ def streamed_thresholds(blocks: Blocks, ranks: Sequence[int], *, prep: Prep = No
         fraction of the bytes) instead of calling `blocks()`. It only guides the bracket;
         the result is exact whatever it holds.
     """
+    if reduce is None and prep is None:  # one process, plain task vectors: no histograms
+        return checked_thresholds(blocks, ranks, sample=sample)[0]
     rank = np.asarray(ranks, np.int64)
     if not rank.any():
         return np.zeros(len(rank), np.int32)
-    if reduce is None and prep is None:  # one process, plain task vectors: no histograms
-        found = _bracketed_thresholds(blocks, rank, sample)
-        if found is not None:
-            return found[0]
     return _histogram_thresholds(blocks, rank, prep, aux, reduce)
 
 
@@ -535,8 +533,9 @@ def checked_thresholds(blocks: Blocks, ranks: Sequence[int], *,
     nothing (e.g. a float32 tau can overflow from finite inputs): check the inputs then.
     """
     rank = np.asarray(ranks, np.int64)
-    if not rank.all():  # some model keeps everything: no bracket classifies its entries
-        return streamed_thresholds(blocks, ranks, sample=sample), False
+    if not rank.any():
+        return np.zeros(len(rank), np.int32), False
+    # (a model of rank 0 is not classified: `_bracketed_thresholds` then proves nothing)
     found = _bracketed_thresholds(blocks, rank, sample)
     if found is not None:
         return found

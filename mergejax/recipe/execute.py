@@ -116,11 +116,11 @@ def ties_block(method: Method, base, members: Sequence, g: Group, thr, *,
     opts = _ties_options(method, g) if method.name == "ties" else None
     if opts is None:
         return None
-    named = [] if checked else [("the base", base)] + [(f"model {t}", m)
-                                                       for t, m in enumerate(members)]
-    for who, ok in zip((n for n, _ in named), [tv.all_finite(x) for _, x in named]):
-        if not bool(ok):
-            raise ValueError(f"ties: {who} has non-finite values (NaN or inf)")
+    if not checked:
+        named = [("the base", base)] + [(f"model {t}", m) for t, m in enumerate(members)]
+        for who, ok in zip((n for n, _ in named), [tv.all_finite(x) for _, x in named]):
+            if not bool(ok):
+                raise ValueError(f"ties: {who} has non-finite values (NaN or inf)")
     return tv.merge_block(base, members, thresholds=thr, combine="ties-" + opts["disjoint"],
                           zero_sign=1.0, lam=opts["lam"], add_base=True, signs=False)[0]
 
