@@ -23,7 +23,8 @@ interleaved):
 
 - ``mergejax fit``: `fsmerge.fit_setup` end to end per step (batch gather on the host, device
   put, the jitted donated step, the loss kept on device), the compile excluded (cached);
-- ``mergejax step``: the compiled step alone on one device-resident batch;
+- ``mergejax step``: the compiled step alone on one device-resident batch (waited for after
+  every step on several CPU devices, as the fit loop does);
 - ``torch fit``: the same loop in torch (index the batch, forward, backward, AdamW step, loss
   kept as a tensor);
 - ``torch step``: torch's step alone on one batch.
@@ -36,8 +37,8 @@ after measurement of that change on the same machine.
 over GPUs; XLA runs most of a program on one core otherwise).
 
 `--threads N` pins this process to N cores (`os.sched_setaffinity`, before JAX starts, so XLA's
-thread pool has N threads) and sets `torch.set_num_threads(N)`: both frameworks get the same
-cores. Figures and commands: bench/RESULTS.md.
+thread pool has N threads) and sets `torch.set_num_threads(N)` (`--torch-threads` to give torch
+fewer): both frameworks get the same cores. Figures and commands: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def parse():
     ap.add_argument("--cpu-devices", type=int, default=0,
                     help="XLA CPU devices (jax_num_cpu_devices; 0: JAX's default, 1): mergejax's "
                          "step shards each batch over them, one per core")
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="torch's intra-op threads (0: --threads); on a machine where torch's "
+                         "two threads wait on each other, 1 may be its strongest setting")
     return ap.parse_args()
 
 
@@ -303,10 +307,17 @@ def bench_model(name: str, config: str, args, torch) -> list[tuple[str, float]]:
     consts = jax.device_put(s.consts)
     batch = device_batch({k: np.asarray(v)[order[0]] for k, v in s.data.items()}, mesh)
 
+    # As `fit` does: on several XLA:CPU devices one step (it all-reduces) in flight at a time.
+    # More than 32 unwaited launches can make a launch hold a pool thread that the all-reduce
+    # needs, and XLA aborts after 40 s (see mergejax.kernels.statistics).
+    sync = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+
     def run_jax_step():
         mu, opt_state = state["mu"], state["opt"]
         for _ in range(args.steps):
             mu, opt_state, loss = step(mu, opt_state, consts, batch, lrs[0])
+            if sync:
+                loss = jax.block_until_ready(loss)
         state["mu"], state["opt"] = mu, opt_state
         return float(loss)
 
@@ -328,7 +339,7 @@ def main():
     args = ARGS
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads or args.threads)
     if args.attention == "einsum":  # a measurement of the previous attention, this process only
         import mergejax.models.vit as vit_module
 

@@ -85,7 +85,7 @@ the incoming state, so do not reuse a state after passing it to ``update``.
 
 import math
 from collections.abc import Iterable, Sequence
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import jax
@@ -151,20 +151,7 @@ class FeatureStats(NamedTuple):
         its ``data`` axis, already sharded, so that the first ``update`` can donate it in place."""
         if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
             raise ValueError(f"FeatureStats.init: dim must be an integer >= 1, got {dim!r}")
-        state = cls(
-            count=jnp.zeros((), jnp.int32),
-            shift=jnp.zeros((dim,), jnp.float32),
-            rel_mean=jnp.zeros((dim,), jnp.float32),
-            m2=jnp.zeros((dim, dim), jnp.float32),
-            fmin=jnp.full((dim,), jnp.inf, jnp.float32),
-            fmax=jnp.full((dim,), -jnp.inf, jnp.float32),
-            finite=jnp.ones((dim,), bool),
-        )
-        if mesh is None:
-            return state
-        k = data_size(mesh)
-        return jax.device_put(jax.tree.map(lambda a: jnp.broadcast_to(a, (k, *a.shape)), state),
-                              NamedSharding(mesh, P(DATA)))
+        return _empty_fn(int(dim), mesh)()
 
     @property
     def dim(self) -> int:
@@ -375,6 +362,30 @@ def _cpu_collectives(mesh: Mesh | None) -> bool:
     """True if a sharded update on ``mesh`` runs XLA:CPU collectives over several local devices."""
     return (mesh is not None and len(mesh.local_devices) > 1
             and mesh.devices.flat[0].platform == "cpu")
+
+
+@lru_cache(maxsize=64)
+def _empty_fn(dim: int, mesh: Mesh | None):
+    """jit () -> an empty `FeatureStats` for `dim` features (per device of `mesh`'s `data` axis
+    if given, sharded over it), cached: one dispatch per state instead of one per leaf (a stream
+    of a few batches over several spaces spent ~5 ms making its states eagerly)."""
+
+    def empty():
+        state = FeatureStats(
+            count=jnp.zeros((), jnp.int32),
+            shift=jnp.zeros((dim,), jnp.float32),
+            rel_mean=jnp.zeros((dim,), jnp.float32),
+            m2=jnp.zeros((dim, dim), jnp.float32),
+            fmin=jnp.full((dim,), jnp.inf, jnp.float32),
+            fmax=jnp.full((dim,), -jnp.inf, jnp.float32),
+            finite=jnp.ones((dim,), bool),
+        )
+        if mesh is None:
+            return state
+        k = data_size(mesh)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (k, *a.shape)), state)
+
+    return jax.jit(empty, out_shardings=None if mesh is None else NamedSharding(mesh, P(DATA)))
 
 
 def _host(x) -> np.ndarray:
