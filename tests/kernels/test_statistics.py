@@ -155,6 +155,26 @@ def test_explicit_mask_and_pad_batch(mesh):
     np.testing.assert_allclose(got.cov, ref_stats(x)[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_fresh_states_never_share_buffers(mesh, on_mesh):
+    # `init` is one cached program per (dim, mesh); `update` donates its state. A second empty
+    # state made before the first is updated must stay empty (no buffer shared between calls).
+    m = mesh if on_mesh else None
+    first, second = FeatureStats.init(6, m), FeatureStats.init(6, m)
+    x = data((16, 6), seed=13)
+    got = first.update(x, m).finalize()
+    np.testing.assert_allclose(got.cov, ref_stats(x)[1], atol=1e-5)
+    assert second.partial == on_mesh
+    if on_mesh:
+        assert second.m2.sharding == NamedSharding(mesh, P("data"))
+        assert second.count.shape == (sharding.data_size(mesh),)
+    host = jax.tree.map(np.asarray, second)
+    assert not host.count.any() and not host.m2.any() and not host.shift.any()
+    assert np.isposinf(host.fmin).all() and np.isneginf(host.fmax).all() and host.finite.all()
+    with pytest.raises(ValueError, match="no rows"):
+        second.finalize(name="still empty")
+
+
 def test_explicit_axis_mesh(mesh):
     explicit = jax.make_mesh((8,), ("data",))  # JAX 0.10 default: AxisType.Explicit
     x = data((12, 5), seed=12)
