@@ -85,7 +85,7 @@ import numpy as np  # noqa: E402
 if ARGS is not None and ARGS.cpu_devices:  # before JAX initialises its backend
     jax.config.update("jax_num_cpu_devices", ARGS.cpu_devices)
 
-from mergejax import fsmerge, models, specs  # noqa: E402
+from mergejax import distributed, fsmerge, models, specs  # noqa: E402
 from mergejax.config_lib import load_config_file  # noqa: E402
 from mergejax.fsmerge.fit import _ADAMW, _compiled, device_batch  # noqa: E402
 from mergejax.kernels.sharding import data_mesh  # noqa: E402
@@ -307,17 +307,13 @@ def bench_model(name: str, config: str, args, torch) -> list[tuple[str, float]]:
     consts = jax.device_put(s.consts)
     batch = device_batch({k: np.asarray(v)[order[0]] for k, v in s.data.items()}, mesh)
 
-    # As `fit` does: on several XLA:CPU devices one step (it all-reduces) in flight at a time.
-    # More than 32 unwaited launches can make a launch hold a pool thread that the all-reduce
-    # needs, and XLA aborts after 40 s (see mergejax.kernels.statistics).
-    sync = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
-
     def run_jax_step():
         mu, opt_state = state["mu"], state["opt"]
         for _ in range(args.steps):
             mu, opt_state, loss = step(mu, opt_state, consts, batch, lrs[0])
-            if sync:
-                loss = jax.block_until_ready(loss)
+            # As `fit` does: on several XLA:CPU devices one step (it all-reduces) in flight at
+            # a time; 40 unwaited steps made XLA abort (`distributed.wait` says why).
+            loss = distributed.wait(loss, mesh)
         state["mu"], state["opt"] = mu, opt_state
         return float(loss)
 
