@@ -5,7 +5,9 @@ along the channel axis and streamed into `mergejax.kernels.statistics.FeatureSta
 result holds the within- and cross-model covariance/correlation of the N*n features.
 
 Each batch's forward pass of every endpoint and the statistics update of every space run in one
-compiled program (the taps never leave it). With several devices the batch is sharded over the
+compiled program (the taps never leave it). A tap sown as row parts (`Model.feature_parts`: a
+transformer's stream and attention taps) is folded part by part, so its concatenation is never
+written. With several devices the batch is sharded over the
 `data` axis of the run's mesh (`mergejax.distributed`: all devices of all processes, padded rows
 masked), the endpoints replicated, and every device folds its rows into its own partial state;
 the partial states are combined once, at the end (`FeatureStats.combined`).
@@ -49,8 +51,16 @@ def fused_step_fn(model: Model, space_taps: tuple[tuple[str, str], ...],
 
     def step(states, endpoints, x, mask=None):
         # on a mesh: this device's rows, endpoints and partial states (inside shard_map)
-        outs = [model.features(v, x)[1] for v in endpoints]
-        return {s: states[s].fold([o[t] for o in outs], mask) for s, t in space_taps}
+        outs = [model.feature_parts(v, x)[1] for v in endpoints]
+        new = {}
+        for s, t in space_taps:
+            state = states[s]
+            # a tap sown as row parts: each part folded in turn (the same rows as their
+            # concatenation, which is then never written)
+            for part in zip(*(o[t] for o in outs)):
+                state = state.fold(list(part), mask)
+            new[s] = state
+        return new
 
     if mesh is None:
         return jax.jit(step, donate_argnums=0)

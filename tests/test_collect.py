@@ -1,5 +1,7 @@
 """`statistics.collect`'s one-device path (forward and updates fused in one jitted step) gives
-the same moments as its sharded path, on a ViT (concatenated taps) and a ResNet (BatchNorm)."""
+the same moments as its sharded path, on a ViT (concatenated taps) and a ResNet (BatchNorm); on
+transformers, whose stream and attention taps are folded part by part (`sow_rows`), both equal
+float64 numpy statistics of the concatenated taps that `Model.features` returns."""
 
 import jax
 import numpy as np
@@ -68,3 +70,53 @@ def test_sharded_step_has_no_collective_and_keeps_one_state_per_device():
         # 16 images of 8x8 (or the stage's smaller grid) split evenly over the devices
         counts = np.asarray(out[s.name].count)
         assert (counts == counts[0]).all() and counts.sum() > 0
+
+
+TRANSFORMERS = [
+    ("vit", dict(num_classes=3, width=16, depth=2, heads=4, patch=2, mlp_ratio=2.0), (8, 8, 1)),
+    ("cct", dict(num_classes=3, width=16, depth=2, heads=4, mlp_ratio=2.0, conv_layers=2),
+     (16, 16, 3))]
+
+
+@pytest.mark.parametrize("name, kwargs, shape", TRANSFORMERS)
+def test_transformer_parts_are_the_features_rows(name, kwargs, shape):
+    model = models.create(name, **kwargs)
+    x = np.random.default_rng(1).normal(size=(3, *shape)).astype(np.float32)
+    variables = model.init(jax.random.key(0), x[:1])
+    logits, taps = jax.jit(model.features)(variables, x)
+    logits_p, parts = jax.jit(model.feature_parts)(variables, x)
+    np.testing.assert_array_equal(logits_p, logits)
+    assert set(parts) == set(taps)
+    stream_parts = kwargs["depth"] + 1 if name == "vit" else 2 * kwargs["depth"] + 1
+    assert len(parts["stream"]) == stream_parts
+    assert len(parts["blocks_1/attn/qko"]) == 3  # queries, keys, attention output
+    assert len(parts["head_input"]) == 1
+    for tap, value in taps.items():
+        np.testing.assert_array_equal(np.concatenate(parts[tap], axis=1), value, err_msg=tap)
+
+
+@pytest.mark.parametrize("name, kwargs, shape", TRANSFORMERS)
+def test_transformer_moments_equal_numpy_on_the_concatenated_taps(name, kwargs, shape):
+    model = models.create(name, **kwargs)
+    spec = specs.for_model(model)
+    rng = np.random.default_rng(2)
+    endpoints = [model.init(jax.random.key(i), np.zeros((1, *shape), np.float32))
+                 for i in range(2)]
+    batches = [rng.normal(size=(n, *shape)).astype(np.float32) for n in (6, 5)]
+    features = jax.jit(model.features)
+    rows = {}  # tap -> [(rows, 2C) per batch], both models' features side by side
+    for x in batches:
+        per_model = [features(v, x)[1] for v in endpoints]
+        for tap in per_model[0]:
+            rows.setdefault(tap, []).append(np.concatenate(
+                [np.asarray(t[tap], np.float64).reshape(-1, t[tap].shape[-1])
+                 for t in per_model], axis=1))
+    for got in (collect(model, spec, endpoints, batches),
+                collect(model, spec, endpoints, batches, mesh=data_mesh())):
+        assert set(got) == {s.name for s in spec.spaces if s.tap is not None}
+        for space, moments in got.items():
+            x = np.concatenate(rows[spec.space(space).tap])
+            np.testing.assert_allclose(moments.mean, x.mean(0), rtol=1e-5, atol=1e-5,
+                                       err_msg=space)
+            np.testing.assert_allclose(moments.cov, np.cov(x, rowvar=False, bias=True),
+                                       rtol=1e-4, atol=1e-5, err_msg=space)

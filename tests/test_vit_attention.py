@@ -42,3 +42,15 @@ def test_per_example_gradients_under_vmap_equal_one_example_at_a_time():
         one = jax.grad(loss, (0, 1, 2))(q[i], k[i], v[i])
         for got, want in zip(batched, one):
             np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+def test_large_scores_neither_overflow_nor_lose_the_softmax():
+    """Scores in the thousands: the primal (normalised after the product with v) still
+    subtracts the row maximum, so it stays finite and equals torch's."""
+    shape, heads = (2, 9, 8), 2
+    q, k, v, w = (np.asarray(jax.random.normal(jax.random.key(i), shape)) for i in range(4))
+    q = q * 300.0
+    want_out, _ = torch_attention(q, k, v, heads, w)
+    out = np.asarray(jax.jit(attend, static_argnums=3)(q, k, v, heads))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, want_out, rtol=1e-4, atol=1e-5)

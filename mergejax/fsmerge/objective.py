@@ -24,12 +24,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from mergejax.fsmerge.fold import fold_tails, fold_trunk, matrices
 from mergejax.fsmerge.params import parameterisation
 from mergejax.fsmerge.plan import Plan
 from mergejax.models import Model
+from mergejax.models.base import tap_activations
 from mergejax.specs import unflatten
 
 OBJECTIVES = ("global", "local")
@@ -63,8 +63,7 @@ def forward(model: Model, trunk: Mapping[str, Any], head_kernel: jax.Array, x: j
     if not mutable:
         return net.module.apply(variables, x, train=train), {}
     out, state = net.module.apply(variables, x, train=train, mutable=mutable)
-    flat_taps = traverse_util.flatten_dict(dict(state.get("intermediates", {})), sep="/")
-    return out, {k: v[0] for k, v in flat_taps.items()}
+    return out, tap_activations(state.get("intermediates", {}))
 
 
 def select(out: jax.Array, ids: jax.Array, num_models: int) -> jax.Array:

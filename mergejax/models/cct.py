@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.models.base import BN_KWARGS
+from mergejax.models.base import BN_KWARGS, sow_rows
 from mergejax.models.vit import attend
 
 POSITIONAL = ("learnable", "sine", "none")
@@ -94,7 +94,7 @@ class Attention(nn.Module):
         d = x.shape[-1]
         q, k, v = (dense(d, n, use_bias=False)(x) for n in ("q", "k", "v"))
         out = attend(q, k, v, self.heads)  # ViT's, head h on channels h*hd:(h+1)*hd
-        self.sow("intermediates", "qko", jnp.concatenate([q, k, out], axis=1))
+        sow_rows(self, "qko", (q, k, out))
         return dense(d, "proj")(out)
 
 
@@ -236,7 +236,7 @@ class CCT(nn.Module):
         for i in range(self.depth):
             normed, x = Block(self.heads, self.mlp_hidden, name=f"blocks_{i}")(x)
             stream += [normed, x]
-        self.sow("intermediates", "stream", jnp.concatenate(stream, axis=1))
+        sow_rows(self, "stream", stream)
         x = layer_norm("norm")(x)
         weights = jax.nn.softmax(dense(1, "attention_pool")(x), axis=1)  # (B, T, 1) over tokens
         x = jnp.einsum("bto,btd->bd", weights, x)
