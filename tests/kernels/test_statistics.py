@@ -42,10 +42,15 @@ def test_data_mesh_shape():
     assert sharding.data_mesh(jax.devices()[:1]).shape == {"data": 1}
 
 
-def test_large_offset_matches_float64():
+@pytest.mark.parametrize("one_call_bytes", [0, statistics._ONE_CALL_BYTES],
+                         ids=["chunk-loop", "one-call"])
+def test_large_offset_matches_float64(one_call_bytes, monkeypatch):
     # 1000 + N(0, 1): float32 E[xx^T] - mu mu^T cancels ~6 digits and is off by O(0.1).
-    c = statistics._CHUNK  # rows per Gram call inside an update
-    x = data((3 * c + 42, 48), offset=1000.0)
+    # 0 bytes forces the chunk loop; by default these updates (< 4 MiB) are one Gram call each.
+    monkeypatch.setattr(statistics, "_ONE_CALL_BYTES", one_call_bytes)
+    c = statistics._CHUNK  # rows per Gram call inside a chunked update
+    # the update reads the setting when it traces: a row count of its own gives a fresh trace
+    x = data((3 * c + 42 + (one_call_bytes == 0), 48), offset=1000.0)
     # First update: 2 full row chunks (the loop) + a tail; second: 1 chunk + a tail.
     mean, cov, corr = run(np.split(x, [2 * c + 37]), name="offset")
     m_ref, c_ref, r_ref = ref_stats(x)
