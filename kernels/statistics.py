@@ -30,8 +30,8 @@ numbers is exact, so it carries an error of eps*std, not eps*|mean|: merging man
 The Gram matrix uses the upper block-triangle only (3x3 or 4x4 column blocks for d >= 768), so it
 costs 2/3 or 5/8 of the 2*rows*d^2 FLOPs of X^T X. Inside one update, rows are processed in
 chunks of ``_CHUNK`` rows (concatenate, centre, mask, Gram, add), so no centred copy of the whole
-batch is written; an update of at most ``_ONE_CALL_BYTES`` (4 MiB) of rows is one chunk. The matmuls run at Precision.HIGHEST, so GPUs and TPUs do not silently use
-TF32/bf16.
+batch is written; an update of at most ``_ONE_CALL_BYTES`` (4 MiB) of rows is one chunk. The
+matmuls run at Precision.HIGHEST, so GPUs and TPUs do not silently use TF32/bf16.
 
 Data parallelism. With ``mesh`` given, the state holds one partial state per device of the
 ``data`` axis (every leaf gets a leading axis of that size, sharded over ``data``), and
