@@ -104,7 +104,7 @@ _CLAMP = 1e-7  # ZipIt's compute_correlation: clamp(sd sd^T, min=1e-7)
 _CHUNK = 2048
 # An update whose rows take at most this many bytes (rows * d * 4) is one Gram call instead: the
 # chunk loop costs more than it saves there (measured on a 2-core Zen 5: 9408 x 64 and 3136 x 128
-# updates 5-20% faster as one call, a ViT's `collect` 8-11%; above ~4 MiB 2048-row chunks win).
+# updates 5-20% faster as one call, a ViT's `collect` 4-13%; above ~4 MiB 2048-row chunks win).
 _ONE_CALL_BYTES = 4 << 20
 
 

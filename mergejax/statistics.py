@@ -7,10 +7,10 @@ result holds the within- and cross-model covariance/correlation of the N*n featu
 Each batch's forward pass of every endpoint and the statistics update of every space run in one
 compiled program (the taps never leave it). A tap sown as row parts (`Model.feature_parts`: a
 transformer's stream and attention taps) is folded part by part, so its concatenation is never
-written. With several devices the batch is sharded over the
-`data` axis of the run's mesh (`mergejax.distributed`: all devices of all processes, padded rows
-masked), the endpoints replicated, and every device folds its rows into its own partial state;
-the partial states are combined once, at the end (`FeatureStats.combined`).
+written. With several devices the batch is sharded over the `data` axis of the run's mesh
+(`mergejax.distributed`: all devices of all processes, padded rows masked), the endpoints
+replicated, and every device folds its rows into its own partial state; the partial states are
+combined once, at the end (`FeatureStats.combined`).
 """
 
 from __future__ import annotations
