@@ -24,16 +24,28 @@ def _fused(model, spec, endpoints, batches):
             for s in wanted}
 
 
-@pytest.mark.parametrize("name, kwargs, shape", [
-    ("vit", dict(num_classes=3, width=16, depth=2, heads=4, patch=2, mlp_ratio=2.0), (8, 8, 1)),
-    ("resnet20", dict(num_classes=3, width=1), (8, 8, 3))])
-def test_fused_one_device_step_equals_the_sharded_path(name, kwargs, shape):
+def _two_endpoints(name, kwargs, shape, sizes, seed):
+    """Model `name`, its spec, two endpoints from keys 0 and 1, and N(0, 1) image batches of
+    `sizes` images of `shape` (rng `seed`)."""
     model = models.create(name, **kwargs)
-    spec = specs.for_model(model)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     endpoints = [model.init(jax.random.key(i), np.zeros((1, *shape), np.float32))
                  for i in range(2)]
-    batches = [rng.normal(size=(n, *shape)).astype(np.float32) for n in (8, 8, 5)]
+    batches = [rng.normal(size=(n, *shape)).astype(np.float32) for n in sizes]
+    return model, specs.for_model(model), endpoints, batches
+
+
+VIT = ("vit", dict(num_classes=3, width=16, depth=2, heads=4, patch=2, mlp_ratio=2.0), (8, 8, 1))
+TRANSFORMERS = [
+    VIT,
+    ("cct", dict(num_classes=3, width=16, depth=2, heads=4, mlp_ratio=2.0, conv_layers=2),
+     (16, 16, 3))]
+
+
+@pytest.mark.parametrize("name, kwargs, shape", [
+    VIT, ("resnet20", dict(num_classes=3, width=1), (8, 8, 3))])
+def test_fused_one_device_step_equals_the_sharded_path(name, kwargs, shape):
+    model, spec, endpoints, batches = _two_endpoints(name, kwargs, shape, (8, 8, 5), seed=0)
     assert jax.device_count() > 1  # conftest's fake devices: collect shards over all of them
     want = collect(model, spec, endpoints, batches, mesh=data_mesh())
     got = _fused(model, spec, endpoints, batches)
@@ -72,11 +84,6 @@ def test_sharded_step_has_no_collective_and_keeps_one_state_per_device():
         assert (counts == counts[0]).all() and counts.sum() > 0
 
 
-TRANSFORMERS = [
-    ("vit", dict(num_classes=3, width=16, depth=2, heads=4, patch=2, mlp_ratio=2.0), (8, 8, 1)),
-    ("cct", dict(num_classes=3, width=16, depth=2, heads=4, mlp_ratio=2.0, conv_layers=2),
-     (16, 16, 3))]
-
 
 @pytest.mark.parametrize("name, kwargs, shape", TRANSFORMERS)
 def test_transformer_parts_are_the_features_rows(name, kwargs, shape):
@@ -97,12 +104,7 @@ def test_transformer_parts_are_the_features_rows(name, kwargs, shape):
 
 @pytest.mark.parametrize("name, kwargs, shape", TRANSFORMERS)
 def test_transformer_moments_equal_numpy_on_the_concatenated_taps(name, kwargs, shape):
-    model = models.create(name, **kwargs)
-    spec = specs.for_model(model)
-    rng = np.random.default_rng(2)
-    endpoints = [model.init(jax.random.key(i), np.zeros((1, *shape), np.float32))
-                 for i in range(2)]
-    batches = [rng.normal(size=(n, *shape)).astype(np.float32) for n in (6, 5)]
+    model, spec, endpoints, batches = _two_endpoints(name, kwargs, shape, (6, 5), seed=2)
     features = jax.jit(model.features)
     rows = {}  # tap -> [(rows, 2C) per batch], both models' features side by side
     for x in batches:
