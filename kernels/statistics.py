@@ -27,11 +27,14 @@ number, kept as it is) and ``rel_mean`` the small rest. ``delta`` is then comput
 ``(shift_b - shift_a) + (rel_mean_b - rel_mean_a)``, where the difference of two nearby float32
 numbers is exact, so it carries an error of eps*std, not eps*|mean|: merging many small states
 (the per-device states of a mesh, a few rows each) stays as accurate as one large batch.
-The Gram matrix uses the upper block-triangle only (3x3 or 4x4 column blocks for d >= 768), so it
-costs 2/3 or 5/8 of the 2*rows*d^2 FLOPs of X^T X. Inside one update, rows are processed in
-chunks of ``_CHUNK`` rows (concatenate, centre, mask, Gram, add), so no centred copy of the whole
-batch is written; an update of at most ``_ONE_CALL_BYTES`` (4 MiB) of rows is one chunk. The
-matmuls run at Precision.HIGHEST, so GPUs and TPUs do not silently use TF32/bf16.
+The Gram matrix uses the upper block-triangle only. Its column blocks are the models' features,
+not concatenated (N models: the N(N+1)/2 products A_i^T A_j for i <= j, 3/4 of the FLOPs of
+X^T X for two), except that models of 56-71 features are joined (``_JOINED_WIDTHS``: slow
+products on XLA:CPU), and a model of d_i >= 768 features is cut further into 3 or 4 blocks
+(2/3 or 5/8 of its FLOPs). Inside one update, rows are processed in chunks of ``_CHUNK`` rows
+(centre, mask, Gram, add), so no centred copy of the whole batch is written; an update of at most
+``_ONE_CALL_BYTES`` (4 MiB) of rows is one chunk. The matmuls run at Precision.HIGHEST, so GPUs
+and TPUs do not silently use TF32/bf16.
 
 Data parallelism. With ``mesh`` given, the state holds one partial state per device of the
 ``data`` axis (every leaf gets a leading axis of that size, sharded over ``data``), and
@@ -406,21 +409,47 @@ def _tdot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _num_blocks(d: int) -> int:
-    # Measured on the 2-core CPU box: below ~768 features the extra calls cost more than the
-    # saved FLOPs. 3 blocks (2/3 of the FLOPs) are best up to ~3k, and 4 blocks (5/8) above.
+    # Blocks of one model's features are column slices (copies). Measured on the 2-core CPU box:
+    # below ~768 features the copies and extra calls cost more than the saved FLOPs. 3 blocks
+    # (2/3 of the FLOPs) are best up to ~3k, and 4 blocks (5/8) above.
     return 1 if d < 768 else 3 if d < 3072 else 4
 
 
-def _gram(x: jax.Array) -> jax.Array:
-    """x^T x for x (n, d), computing only the upper block-triangle and mirroring it."""
-    d = x.shape[1]
-    nb = _num_blocks(d)
-    if nb == 1:
-        return _tdot(x, x)
-    edges = [math.ceil(i * d / nb) for i in range(nb + 1)]
-    cols = [x[:, edges[i]:edges[i + 1]] for i in range(nb)]
-    upper = {(i, j): _tdot(cols[i], cols[j]) for i in range(nb) for j in range(i, nb)}
-    rows = [jnp.concatenate([upper[j, i].T if j < i else upper[i, j] for j in range(nb)], axis=1)
+# Models of this many features are not a Gram block of their own: Eigen's products with a
+# 56-71 wide output run at 1/2-2/3 of the rate of wider ones (measured on the 2-core Zen 5:
+# 6272 x 64 at 55-72 GFLOP/s, 6272 x 72 at 118-125), so two such models are faster as one
+# concatenated block (full FLOPs) than as three products of 3/4 the FLOPs (1.2-1.3x slower).
+_JOINED_WIDTHS = range(56, 72)
+
+
+def _column_blocks(widths: Sequence[int]) -> list[tuple[tuple[int, int, int], ...]]:
+    """Column blocks of the Gram of N models' features, each a tuple of (model, start, stop)
+    segments: every model's features on their own, a model of >= 768 features cut further into
+    `_num_blocks` equal blocks, and neighbouring models with a width in `_JOINED_WIDTHS`
+    joined into one block."""
+    blocks = []
+    for m, d in enumerate(widths):
+        if d in _JOINED_WIDTHS and m and widths[m - 1] in _JOINED_WIDTHS:
+            blocks[-1] += ((m, 0, d),)
+            continue
+        nb = _num_blocks(d)
+        edges = [math.ceil(i * d / nb) for i in range(nb + 1)]
+        blocks += [((m, edges[i], edges[i + 1]),) for i in range(nb)]
+    return blocks
+
+
+def _upper_grams(cols: Sequence[jax.Array]) -> tuple:
+    """The upper block-triangle of X^T X for X = [cols[0], cols[1], ...] (each (n, d_i)): the
+    products cols[i]^T cols[j] for i <= j, row by row."""
+    return tuple(_tdot(cols[i], cols[j]) for i in range(len(cols)) for j in range(i, len(cols)))
+
+
+def _assemble(upper: Sequence[jax.Array], nb: int) -> jax.Array:
+    """The (d, d) matrix of `nb` x `nb` blocks whose upper triangle (i <= j, row by row) is
+    `upper`, the lower one its mirror."""
+    it = iter(upper)
+    block = {(i, j): next(it) for i in range(nb) for j in range(i, nb)}
+    rows = [jnp.concatenate([block[j, i].T if j < i else block[i, j] for j in range(nb)], axis=1)
             for i in range(nb)]
     return jnp.concatenate(rows, axis=0)
 
@@ -443,39 +472,48 @@ def _moments(xs: tuple, mask: jax.Array | None) -> FeatureStats:
         return a if v is None else jnp.where(v, a, fill)
 
     nf = jnp.maximum(n, 1).astype(jnp.float32)
-    # Pass 1 (a cheap reduction): the batch mean to centre on.
-    total = jnp.concatenate(
-        [jnp.sum(where(valid, f.astype(jnp.float32), 0.0), axis=0) for f in flat])
-    mean0 = total / nf
+    # Pass 1 (a cheap reduction): each model's batch mean to centre on.
+    totals = [jnp.sum(where(valid, f.astype(jnp.float32), 0.0), axis=0) for f in flat]
+    means = [t / nf for t in totals]
+    blocks = _column_blocks([f.shape[1] for f in flat])
 
     def chunk(start, size):
-        # Concatenating, centring and masking a cache-sized slice right before its Gram avoids
-        # writing and re-reading a centred copy of the whole batch.
-        xb = jnp.concatenate([lax.dynamic_slice_in_dim(f, start, size).astype(jnp.float32)
-                              for f in flat], axis=1)
+        # Centring and masking a cache-sized slice right before its Gram avoids writing and
+        # re-reading a centred copy of the whole batch. The models are never concatenated:
+        # their column blocks go to the Gram as they are (the cross-model blocks once).
         vb = None if valid is None else lax.dynamic_slice_in_dim(valid, start, size)
-        xc = where(vb, xb - mean0, 0.0)
-        return (jnp.sum(xc, axis=0), _gram(xc), jnp.min(where(vb, xb, jnp.inf), axis=0),
-                jnp.max(where(vb, xb, -jnp.inf), axis=0))
+        xb = [lax.dynamic_slice_in_dim(f, start, size).astype(jnp.float32) for f in flat]
+        xc = [where(vb, x - m, 0.0) for x, m in zip(xb, means)]
+        part = [[xc[m][:, a:b] if b - a < xc[m].shape[1] else xc[m] for m, a, b in blk]
+                for blk in blocks]
+        cols = [p[0] if len(p) == 1 else jnp.concatenate(p, axis=1) for p in part]
+        return (tuple(jnp.sum(x, axis=0) for x in xc), _upper_grams(cols),
+                tuple(jnp.min(where(vb, x, jnp.inf), axis=0) for x in xb),
+                tuple(jnp.max(where(vb, x, -jnp.inf), axis=0) for x in xb))
 
     def add(p, q):
-        return p[0] + q[0], p[1] + q[1], jnp.minimum(p[2], q[2]), jnp.maximum(p[3], q[3])
+        return tuple(jax.tree.map(op, a, b) for op, a, b in
+                     zip((jnp.add, jnp.add, jnp.minimum, jnp.maximum), p, q))
 
     # Pass 2, chunked over rows: sum of centred rows, their Gram, per-feature min/max.
-    size = rows if rows * mean0.shape[0] * 4 <= _ONE_CALL_BYTES else _CHUNK
+    d = sum(f.shape[1] for f in flat)
+    size = rows if rows * d * 4 <= _ONE_CALL_BYTES else _CHUNK
     k, tail = divmod(rows, size)
     acc = chunk(0, min(rows, size))
     if k > 1:
         acc = lax.fori_loop(1, k, lambda i, acc: add(acc, chunk(i * size, size)), acc)
     if k and tail:
         acc = add(acc, chunk(k * size, tail))
-    sum_c, gram, fmin, fmax = acc
+    sum_c, upper, fmin, fmax = acc
+    sum_c, fmin, fmax = jnp.concatenate(sum_c), jnp.concatenate(fmin), jnp.concatenate(fmax)
+    gram = _assemble(upper, len(blocks))
     # mean0 carries the float32 error of a sum of large numbers; c (small) corrects it exactly
     # in the algebra: sum (x - m0 - c)(x - m0 - c)^T = Xc^T Xc - n c c^T.
     c = sum_c / nf
     m2 = gram - nf * (c[:, None] * c[None, :])
     # NaN/inf anywhere in a feature's rows makes its sum non-finite.
-    return FeatureStats(n, mean0, c, m2, fmin, fmax, jnp.isfinite(total))
+    return FeatureStats(n, jnp.concatenate(means), c, m2, fmin, fmax,
+                        jnp.isfinite(jnp.concatenate(totals)))
 
 
 def _merge(a: FeatureStats, b: FeatureStats) -> FeatureStats:

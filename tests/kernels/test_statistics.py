@@ -114,6 +114,29 @@ def test_blocked_gram_path():
     np.testing.assert_array_equal(cov, np.asarray(cov).T)
 
 
+@pytest.mark.parametrize("widths, models_per_block", [
+    ((5, 3, 800), [[0], [1], [2], [2], [2]]),  # the 800 cut in 3
+    ((60, 64, 7), [[0, 1], [2]]),  # 60 and 64 joined (`_JOINED_WIDTHS`)
+])
+@pytest.mark.parametrize("one_call_bytes", [0, 4 << 20])
+def test_models_as_gram_blocks(monkeypatch, widths, models_per_block, one_call_bytes):
+    # Three models whose Gram blocks are models, parts of one or two joined; the upper products
+    # mirrored into one matrix. 1500 examples of 3 rows go through the chunk loop (2 chunks and
+    # a tail for 808 features), 400 in one call; every fifth example masked out.
+    monkeypatch.setattr(statistics, "_ONE_CALL_BYTES", one_call_bytes)
+    blocks = statistics._column_blocks(widths)
+    assert [[m for m, _, _ in blk] for blk in blocks] == models_per_block
+    joint = data((400 if one_call_bytes else 1500, 3, sum(widths)), seed=17, offset=5.0)
+    xs = np.split(joint, np.cumsum(widths)[:-1], axis=-1)
+    keep = np.arange(len(joint)) % 5 != 2
+    got = FeatureStats.init(sum(widths)).update(xs, mask=keep).finalize(widths=list(widths))
+    mean, cov, corr = ref_stats(joint[keep])
+    np.testing.assert_allclose(got.mean, mean, atol=1e-5)
+    np.testing.assert_allclose(got.cov, cov, atol=2e-5)
+    np.testing.assert_allclose(got.corr, corr, atol=2e-5)
+    np.testing.assert_array_equal(got.cov, np.asarray(got.cov).T)
+
+
 def test_constant_features_have_zero_correlation(mesh):
     x = data((40, 6), seed=7, offset=1000.0)
     x[:, 1] = 0.0  # dead ReLU unit
