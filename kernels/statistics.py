@@ -11,9 +11,12 @@ What counts as a row:
   activations (B, H, W, C) give B*H*W rows of C features. This matches ZipIt, which reshapes
   [B, C, H, W] to [C, B*H*W].
 * A sequence of N models' features for the same batch, e.g.
-  ``[f_a (B, ..., d_a), f_b (B, ..., d_b)]``, is concatenated along the feature axis
-  (d = d_a + d_b). The statistics are those of the joint feature vector, which is what merging
-  needs: the cross-model block ``cov[:d_a, d_a:]``.
+  ``[f_a (B, ..., d_a), f_b (B, ..., d_b)]``, is one joint feature vector of d = d_a + d_b
+  features (the models side by side; the arrays themselves are never concatenated). Its
+  statistics are what merging needs: the cross-model block ``cov[:d_a, d_a:]``.
+* Row parts (``fold_parts``): several such arrays (or sequences) of one batch whose rows form one
+  set, e.g. a transformer's per-block outputs of its residual stream, as if concatenated along
+  the rows.
 
 Algorithm. For each batch, the mean is computed first. The rows are then centred on it and M2 is
 the Gram matrix of the centred rows. A second, cheap correction ``c = mean(x - mean0)`` removes the
@@ -222,11 +225,30 @@ class FeatureStats(NamedTuple):
           features: as for `update` (arrays or a sequence of per-model arrays (b, ..., d_i)).
           mask: optional (b,) bool; False examples are ignored.
         """
-        xs = _as_features(features)
+        return self.fold_parts([features], mask)
+
+    def fold_parts(self, parts, mask=None) -> "FeatureStats":
+        """`fold` of several row parts of one batch as one row set: the statistics of their
+        concatenation along rows, which is never written (e.g. a transformer stream tap's
+        per-block outputs, sown separately).
+
+        Args:
+          parts: a non-empty sequence of parts, each as `fold`'s `features` (the same models
+            and widths in every part; the middle axes may differ between parts).
+          mask: optional (b,) bool for the batch's b examples, applied to every part.
+        """
+        if not parts:
+            raise ValueError("FeatureStats.fold_parts: no parts given")
+        xs = [_as_features(p) for p in parts]
+        widths = {tuple(x.shape[-1] for x in p) for p in xs}
+        batch = {p[0].shape[0] for p in xs}
+        if len(widths) != 1 or len(batch) != 1:
+            raise ValueError("FeatureStats.fold_parts: every part needs the same models, widths "
+                             f"and batch size, got {[[tuple(x.shape) for x in p] for p in xs]}")
         if self.partial:
             local = jax.tree.map(lambda a: a[0], self)
-            return jax.tree.map(lambda a: a[None], _merge(local, _moments(xs, mask)))
-        return _merge(self, _moments(xs, mask))
+            return jax.tree.map(lambda a: a[None], _merge(local, _moments(tuple(xs), mask)))
+        return _merge(self, _moments(tuple(xs), mask))
 
     def merge(self, other: "FeatureStats") -> "FeatureStats":
         """Combine two states of disjoint row sets (Chan et al.). ``self`` is donated.
@@ -454,35 +476,38 @@ def _assemble(upper: Sequence[jax.Array], nb: int) -> jax.Array:
     return jnp.concatenate(rows, axis=0)
 
 
-def _moments(xs: tuple, mask: jax.Array | None) -> FeatureStats:
-    """State of one batch (or of one device's rows of it): xs (b, ..., d_i) per model, mask (b,)
-    bool or None (every row counts: no masking work at all)."""
-    flat = [a.reshape(-1, a.shape[-1]) for a in xs]  # free reshapes; models stay separate
-    rows = flat[0].shape[0]
+def _moments(parts: tuple, mask: jax.Array | None) -> FeatureStats:
+    """State of one batch (or of one device's rows of it), given as row parts: each part a tuple
+    of per-model arrays (b, ..., d_i), e.g. a transformer's per-block outputs of one stream. The
+    rows of all parts form one row set, centred on one mean; mask (b,) bool applies to every
+    part, or None (every row counts: no masking work at all)."""
+    flat = [[a.reshape(-1, a.shape[-1]) for a in xs] for xs in parts]  # free reshapes
+    rows = [fs[0].shape[0] for fs in flat]
     if mask is None:
-        valid = None
-        n = jnp.int32(rows)
+        valid = [None] * len(parts)
+        n = jnp.int32(sum(rows))
     else:
         # Every position of the middle axes is a row and inherits its example's mask.
-        valid = jnp.broadcast_to(mask.reshape((-1,) + (1,) * (xs[0].ndim - 2)),
-                                 xs[0].shape[:-1]).reshape(-1, 1)
-        n = jnp.sum(valid, dtype=jnp.int32)
+        valid = [jnp.broadcast_to(mask.reshape((-1,) + (1,) * (xs[0].ndim - 2)),
+                                  xs[0].shape[:-1]).reshape(-1, 1) for xs in parts]
+        n = sum(jnp.sum(v, dtype=jnp.int32) for v in valid)
 
     def where(v, a, fill):
         return a if v is None else jnp.where(v, a, fill)
 
     nf = jnp.maximum(n, 1).astype(jnp.float32)
-    # Pass 1 (a cheap reduction): each model's batch mean to centre on.
-    totals = [jnp.sum(where(valid, f.astype(jnp.float32), 0.0), axis=0) for f in flat]
+    # Pass 1 (a cheap reduction): each model's mean over all parts, to centre on.
+    totals = [sum(jnp.sum(where(v, fs[m].astype(jnp.float32), 0.0), axis=0)
+                  for fs, v in zip(flat, valid)) for m in range(len(flat[0]))]
     means = [t / nf for t in totals]
-    blocks = _column_blocks([f.shape[1] for f in flat])
+    blocks = _column_blocks([f.shape[1] for f in flat[0]])
 
-    def chunk(start, size):
+    def chunk(fs, v, start, size):
         # Centring and masking a cache-sized slice right before its Gram avoids writing and
         # re-reading a centred copy of the whole batch. The models are never concatenated:
         # their column blocks go to the Gram as they are (the cross-model blocks once).
-        vb = None if valid is None else lax.dynamic_slice_in_dim(valid, start, size)
-        xb = [lax.dynamic_slice_in_dim(f, start, size).astype(jnp.float32) for f in flat]
+        vb = None if v is None else lax.dynamic_slice_in_dim(v, start, size)
+        xb = [lax.dynamic_slice_in_dim(f, start, size).astype(jnp.float32) for f in fs]
         xc = [where(vb, x - m, 0.0) for x, m in zip(xb, means)]
         part = [[xc[m][:, a:b] if b - a < xc[m].shape[1] else xc[m] for m, a, b in blk]
                 for blk in blocks]
@@ -496,14 +521,24 @@ def _moments(xs: tuple, mask: jax.Array | None) -> FeatureStats:
                      zip((jnp.add, jnp.add, jnp.minimum, jnp.maximum), p, q))
 
     # Pass 2, chunked over rows: sum of centred rows, their Gram, per-feature min/max.
-    d = sum(f.shape[1] for f in flat)
-    size = rows if rows * d * 4 <= _ONE_CALL_BYTES else _CHUNK
-    k, tail = divmod(rows, size)
-    acc = chunk(0, min(rows, size))
-    if k > 1:
-        acc = lax.fori_loop(1, k, lambda i, acc: add(acc, chunk(i * size, size)), acc)
-    if k and tail:
-        acc = add(acc, chunk(k * size, tail))
+    d = sum(m.shape[0] for m in means)
+    if len(parts) > 1 and sum(rows) * d * 4 <= _ONE_CALL_BYTES:
+        # Small parts are one chunk: fewer, longer products (the concatenation along rows is
+        # fused into the centring, which writes its result anyway).
+        flat = [[jnp.concatenate(same, axis=0) for same in zip(*flat)]]
+        valid = [None if mask is None else jnp.concatenate(valid, axis=0)]
+        rows = [sum(rows)]
+    acc = None
+    for fs, v, r in zip(flat, valid, rows):
+        size = r if r * d * 4 <= _ONE_CALL_BYTES else _CHUNK
+        k, tail = divmod(r, size)
+        part_acc = chunk(fs, v, 0, min(r, size))
+        if k > 1:
+            part_acc = lax.fori_loop(
+                1, k, lambda i, a, fs=fs, v=v, z=size: add(a, chunk(fs, v, i * z, z)), part_acc)
+        if k and tail:
+            part_acc = add(part_acc, chunk(fs, v, k * size, tail))
+        acc = part_acc if acc is None else add(acc, part_acc)
     sum_c, upper, fmin, fmax = acc
     sum_c, fmin, fmax = jnp.concatenate(sum_c), jnp.concatenate(fmin), jnp.concatenate(fmax)
     gram = _assemble(upper, len(blocks))

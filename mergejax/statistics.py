@@ -1,16 +1,17 @@
 """Feature statistics of N models at the taps of a merge spec (model-aware glue over kernels).
 
-For every space to merge, the activations of all N models at the space's tap are concatenated
-along the channel axis and streamed into `mergejax.kernels.statistics.FeatureStats`, so the
-result holds the within- and cross-model covariance/correlation of the N*n features.
+For every space to merge, the activations of all N models at the space's tap are streamed into
+`mergejax.kernels.statistics.FeatureStats` as one joint feature vector (the models side by side
+along the channel axis), so the result holds the within- and cross-model covariance/correlation
+of the N*n features.
 
 Each batch's forward pass of every endpoint and the statistics update of every space run in one
 compiled program (the taps never leave it). A tap sown as row parts (`Model.feature_parts`: a
-transformer's stream and attention taps) is folded part by part, so its concatenation is never
-written. With several devices the batch is sharded over the `data` axis of the run's mesh
-(`mergejax.distributed`: all devices of all processes, padded rows masked), the endpoints
-replicated, and every device folds its rows into its own partial state; the partial states are
-combined once, at the end (`FeatureStats.combined`).
+transformer's stream and attention taps) is folded as one row set (`FeatureStats.fold_parts`),
+so its concatenation is never written. With several devices the batch is sharded over the
+`data` axis of the run's mesh (`mergejax.distributed`: all devices of all processes, padded rows
+masked), the endpoints replicated, and every device folds its rows into its own partial state;
+the partial states are combined once, at the end (`FeatureStats.combined`).
 """
 
 from __future__ import annotations
@@ -54,12 +55,9 @@ def fused_step_fn(model: Model, space_taps: tuple[tuple[str, str], ...],
         outs = [model.feature_parts(v, x)[1] for v in endpoints]
         new = {}
         for s, t in space_taps:
-            state = states[s]
-            # a tap sown as row parts: each part folded in turn (the same rows as their
-            # concatenation, which is then never written)
-            for part in zip(*(o[t] for o in outs)):
-                state = state.fold(list(part), mask)
-            new[s] = state
+            # a tap sown as row parts: their rows folded as one set (the same statistics as
+            # their concatenation, which is never written)
+            new[s] = states[s].fold_parts([list(p) for p in zip(*(o[t] for o in outs))], mask)
         return new
 
     if mesh is None:

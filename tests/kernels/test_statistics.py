@@ -137,6 +137,29 @@ def test_models_as_gram_blocks(monkeypatch, widths, models_per_block, one_call_b
     np.testing.assert_array_equal(got.cov, np.asarray(got.cov).T)
 
 
+@pytest.mark.parametrize("one_call_bytes", [0, 4 << 20])
+def test_parts_fold_as_one_row_set(monkeypatch, one_call_bytes):
+    # Three row parts of one batch of 50 examples (7, 3 and 5 rows per example), two models:
+    # `fold_parts` gives the statistics of the parts' rows concatenated, masked examples dropped
+    # from every part. 4 MiB: all parts in one chunk; 0: each part its own chunk loop.
+    monkeypatch.setattr(statistics, "_ONE_CALL_BYTES", one_call_bytes)
+    widths = (6, 9)
+    parts = [data((50, r, sum(widths)), seed=20 + r, offset=3.0 * r)
+             for r in (7, 3, 5)]
+    keep = np.arange(len(parts[0])) % 4 != 1
+    split = [np.split(p, [widths[0]], axis=-1) for p in parts]
+    got = jax.jit(lambda s, ps, m: s.fold_parts(ps, m))(FeatureStats.init(15), split, keep)
+    rows = np.concatenate([p[keep].reshape(-1, 15) for p in parts])
+    mean, cov, corr = ref_stats(rows)
+    m = got.finalize()
+    assert int(got.count) == len(rows)
+    np.testing.assert_allclose(m.mean, mean, atol=1e-5)
+    np.testing.assert_allclose(m.cov, cov, atol=2e-5)
+    np.testing.assert_allclose(m.corr, corr, atol=2e-5)
+    with pytest.raises(ValueError, match="same models, widths"):
+        FeatureStats.init(15).fold_parts([split[0], [parts[1][..., :5], parts[1][..., 5:]]])
+
+
 def test_constant_features_have_zero_correlation(mesh):
     x = data((40, 6), seed=7, offset=1000.0)
     x[:, 1] = 0.0  # dead ReLU unit
