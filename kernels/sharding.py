@@ -107,3 +107,13 @@ def replicate(x, mesh: Mesh | None):
     if mesh is None:
         return x
     return jax.device_put(x, NamedSharding(mesh, P()))
+
+
+def cpu_collectives(mesh: Mesh | None) -> bool:
+    """True if a program sharded over ``mesh`` runs XLA:CPU collectives between several devices
+    of this process. XLA:CPU runs every local device's share of a program on one thread pool; a
+    host that runs far ahead (past the per-device in-flight limit) can make a launch hold a
+    thread that a running all-reduce needs, and XLA aborts (see ``kernels.statistics``), so
+    callers wait for such programs before dispatching more."""
+    return (mesh is not None and len(mesh.local_devices) > 1
+            and mesh.devices.flat[0].platform == "cpu")

@@ -102,7 +102,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .checks import check_dtype, check_finite_array
-from .sharding import DATA, constrain, data_size
+from .sharding import DATA, constrain, cpu_collectives, data_size
 
 _CLAMP = 1e-7  # ZipIt's compute_correlation: clamp(sd sd^T, min=1e-7)
 # Rows per Gram call inside one update. Measured: 1024-2048 is 1.2-1.4x faster than one call
@@ -180,7 +180,7 @@ class FeatureStats(NamedTuple):
         if not self.partial:
             return self
         mesh = _mesh_of(self.count)
-        if not _cpu_collectives(mesh):
+        if not cpu_collectives(mesh):
             return _combine_jit(self, mesh)
         # The only collective of a stream: let no launch hold a pool thread while it runs.
         return jax.block_until_ready(_combine_jit(jax.block_until_ready(self), mesh))
@@ -385,12 +385,6 @@ def _mesh_of(x: jax.Array) -> Mesh:
         raise ValueError("FeatureStats: a partial (per-device) state must stay sharded over its "
                          f"mesh, got a leaf with sharding {sharding}")
     return sharding.mesh
-
-
-def _cpu_collectives(mesh: Mesh | None) -> bool:
-    """True if a sharded update on ``mesh`` runs XLA:CPU collectives over several local devices."""
-    return (mesh is not None and len(mesh.local_devices) > 1
-            and mesh.devices.flat[0].platform == "cpu")
 
 
 @lru_cache(maxsize=64)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mergejax.kernels.processes import initialize  # noqa: F401 (re-exported)
-from mergejax.kernels.sharding import DATA, data_mesh, data_size, pad_batch
+from mergejax.kernels.sharding import DATA, cpu_collectives, data_mesh, data_size, pad_batch
 
 _OVERRIDE: list[Mesh] = []
 
@@ -141,14 +141,10 @@ def replicate(tree, m: Mesh | None = None):
 
 
 def wait(tree, m: Mesh | None = None):
-    """Blocks on `tree` when `m` spans several local CPU devices.
-
-    XLA:CPU runs every device's share of a program on one thread pool; if the host runs far
-    ahead (more than the per-device in-flight limit), a launch can hold a thread that a running
-    all-reduce needs, and XLA aborts (see `mergejax.kernels.statistics`). On GPU/TPU a no-op.
-    """
-    m = mesh() if m is None else m
-    if len(m.local_devices) > 1 and m.devices.flat[0].platform == "cpu":
+    """Blocks on `tree` when `m` (default: the run's mesh) spans several local CPU devices
+    (`kernels.sharding.cpu_collectives`: one collective program in flight at a time); on
+    GPU/TPU a no-op. Returns `tree`."""
+    if cpu_collectives(mesh() if m is None else m):
         jax.block_until_ready(tree)
     return tree
 

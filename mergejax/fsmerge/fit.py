@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from mergejax.io.atomic import atomic_file
-from mergejax.kernels.sharding import data_mesh, data_size, pad_batch, shard_batch
+from mergejax.kernels.sharding import cpu_collectives, data_mesh, data_size, pad_batch, shard_batch
 from mergejax.registry import Registry
 
 SCHEDULES: Registry[Callable[[float, int], optax.Schedule]] = Registry("FS-Merge lr schedule")
@@ -134,7 +134,7 @@ def fit_loop(problem, mu: Any, consts: Any, data: Mapping[str, np.ndarray], sett
     rng = np.random.default_rng(seed)
     order = np.zeros(0, np.int64)
     losses = []
-    sync = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+    sync = cpu_collectives(mesh)
     bar = tqdm(range(settings.steps), desc=desc, leave=False, mininterval=2.0)
     for s in bar:
         if len(order) < b:

@@ -42,6 +42,14 @@ def test_data_mesh_shape():
     assert sharding.data_mesh(jax.devices()[:1]).shape == {"data": 1}
 
 
+def test_cpu_collectives_only_for_several_local_cpu_devices(mesh):
+    # the one predicate behind every wait of a sharded CPU program (combined, distributed.wait,
+    # the FS-Merge fit loop): several devices of this process on XLA:CPU
+    assert sharding.cpu_collectives(mesh)
+    assert not sharding.cpu_collectives(sharding.data_mesh(jax.devices()[:1]))
+    assert not sharding.cpu_collectives(None)
+
+
 @pytest.mark.parametrize("one_call_bytes", [0, statistics._ONE_CALL_BYTES],
                          ids=["chunk-loop", "one-call"])
 def test_large_offset_matches_float64(one_call_bytes, monkeypatch):
