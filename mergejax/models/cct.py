@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax.models.base import BN_KWARGS, sow_rows
-from mergejax.models.vit import attend
+from mergejax.models.vit import attend, gelu
 
 POSITIONAL = ("learnable", "sine", "none")
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, which the repository keeps
@@ -107,7 +107,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = dense(self.hidden, "fc1")(x)
         self.sow("intermediates", "pre_hidden", h)
-        h = nn.gelu(h, approximate=False)
+        h = gelu(h)
         self.sow("intermediates", "hidden", h)
         return dense(x.shape[-1], "fc2")(h)
 

@@ -47,15 +47,30 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mergejax.models.base import BN_KWARGS, sow_rows
 
 POOLS = ("cls", "mean")
 LN_EPS = 1e-6  # timm's and torchvision's LayerNorm epsilon (open_clip: 1e-5)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2))), elementwise (any shape).
+
+    torch's formula (`F.gelu`'s CPU kernel computes exactly this), rather than `nn.gelu`'s
+    `0.5 x erfc(-x / sqrt(2))`: XLA:CPU evaluates erfc with both of its branches (an exp and a
+    division each), erf with one polynomial, so this form is 2.5x faster on a 128 x 49 x 64
+    block (0.41 -> 0.16 ms, one core). Against float64 it is within 1.1e-6 absolute everywhere
+    (`nn.gelu`: 4e-7); for x < -3, where 1 + erf cancels, its relative error reaches 3e-4 of
+    values of ~1e-3 (absolute error below 8e-7), as in torch."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(0.7071067811865476)))
+
+
 # MLP nonlinearities by name: exact GELU (timm, torchvision, open_clip) and OpenAI CLIP's
 # QuickGELU, which its published weights were trained with.
 ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
 
