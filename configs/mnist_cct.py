@@ -11,14 +11,13 @@ standing in for pre-training); each of two tasks of 5 digits fine-tunes a copy w
 head; every weight-space method merges the two backbones (tokenizer, encoder and the sequence
 pooling's scorer), its hyperparameters chosen on the validation split. No BatchNorm: nothing to
 reset after merging.
-Measured (this repository's working tree of the issue-15 work; a 2-core CPU shared with other
-jobs: 14.5 min wall, 9 of them the merges' validation grids; 4.8 min of CPU time), tasks
-(2, 3, 4, 6, 7) / (0, 1, 5, 8, 9), joint / task avg %: base 53.4 / 83.7, fine-tuned ceiling
-77.6 / 92.7; average 65.5 / 89.7, task_arithmetic 65.5 / 89.7 (lam 0.5: the average),
-ties 66.8 / 90.0, dare 64.3 / 89.0, breadcrumbs 66.6 / 89.7, slerp 65.6 / 90.1,
-tall_masks 78.5 / 91.8, consensus 58.4 / 86.5. AutoMerge's own method, a recipe searched per
-block, is configs/mnist_search_cct.py on the same endpoints: with `:trials=30` (and
-`--config.merge.methods="('average',)"`, 1.2 min) 66.4 / 90.3.
+Measured (2-core Zen 5 box, 2026-12-02: 3.1 min wall), tasks (2, 3, 4, 6, 7) /
+(0, 1, 5, 8, 9), joint / task avg %: base 54.1 / 84.6, fine-tuned ceiling 77.8 / 93.0;
+average 65.3 / 89.7, task_arithmetic 65.3 / 89.7 (lam 0.5: the average), ties 67.0 / 90.0,
+dare 66.6 / 88.6, breadcrumbs 65.2 / 88.9, slerp 65.8 / 89.7, tall_masks 77.4 / 91.1,
+consensus 60.7 / 87.0. AutoMerge's own method, a recipe searched per block, is
+configs/mnist_search_cct.py on the same endpoints: with `:trials=30` (1.7 min) 66.6 / 87.6,
+below the tuned single methods (its best validation recipe does not carry over to test).
 Arguments: `:width=N` (embedding width), `:depth=N`, `:quick` (tiny run for tests).
 """
 
