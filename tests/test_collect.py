@@ -84,7 +84,6 @@ def test_sharded_step_has_no_collective_and_keeps_one_state_per_device():
         assert (counts == counts[0]).all() and counts.sum() > 0
 
 
-
 @pytest.mark.parametrize("name, kwargs, shape", TRANSFORMERS)
 def test_transformer_parts_are_the_features_rows(name, kwargs, shape):
     model = models.create(name, **kwargs)
