@@ -19,6 +19,8 @@ def test_gelu_equals_float64_and_its_gradient_is_phi_plus_x_pdf():
     grad = jax.jit(jax.vmap(jax.grad(gelu)))(X)
     np.testing.assert_allclose(np.asarray(grad), cdf + x64 * pdf, rtol=0, atol=2e-6)
     assert ACTIVATIONS["gelu"] is gelu
+    # elementwise in the input's dtype, as flax's nn.gelu (no promotion of bf16 to float32)
+    assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_gelu_equals_torch():
